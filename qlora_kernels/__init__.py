@@ -1,0 +1,8 @@
+"""qlora-kernels: quantized LoRA fine-tuning kernels, layers and a small SFT trainer."""
+
+from . import ops as _ops  # noqa: F401  (registers kernel backends; imports no triton yet)
+from .formats import FORMATS, QuantizedTensor, quantize
+
+__version__ = "0.1.0"
+
+__all__ = ["FORMATS", "QuantizedTensor", "__version__", "quantize"]

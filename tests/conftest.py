@@ -1,0 +1,36 @@
+"""Test harness: Triton's interpreter on the CPU (with its bf16 fixes), seeds, GPU marker."""
+
+from __future__ import annotations
+
+import os
+
+# Must be set before any @triton.jit decorator runs, i.e. before the kernel modules import.
+if not os.environ.get("QK_TEST_ON_GPU"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton_interpreter  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    triton_interpreter.install()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """CUDA when present, else the CPU (Triton kernels then run in the interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
