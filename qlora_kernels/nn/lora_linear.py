@@ -1,0 +1,134 @@
+"""`LoRALinear`: a frozen base (`nn.Linear` or `QuantLinear`) plus a trainable low-rank update.
+
+y = base(x) + scaling * B(A(dropout(x))), scaling = alpha / r (alpha / sqrt(r) with rsLoRA).
+B starts at zero, so the layer equals its base at initialisation. The parameters live in
+`lora_A` / `lora_B` `nn.Linear` children, the names PEFT uses, so adapter files map 1:1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import quantize
+from ..ops import qlora_linear
+from .quant_linear import QuantLinear
+
+INITS = ("kaiming", "gaussian")
+
+
+class LoRALinear(nn.Module):
+    """LoRA adapter around a dense or quantized linear layer; supports merge/unmerge."""
+
+    def __init__(
+        self,
+        base: nn.Linear | QuantLinear,
+        r: int = 16,
+        alpha: float = 32.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, (nn.Linear, QuantLinear)):
+            raise TypeError(f"LoRALinear wraps an nn.Linear or a QuantLinear, got {type(base).__name__}")
+        in_f, out_f = base.in_features, base.out_features
+        if not isinstance(r, int) or r < 1 or r > min(in_f, out_f):
+            raise ValueError(f"r must be an integer in [1, min(in_features, out_features)={min(in_f, out_f)}], got {r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.base = base
+        self.in_features, self.out_features = in_f, out_f
+        self.r = r
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = base.weight.device if isinstance(base, nn.Linear) else base.weight_data.device
+        self.lora_A = nn.Linear(in_f, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, out_f, bias=False, device=device, dtype=torch.float32)
+        self.init = init
+        self.reset_lora_parameters()
+        self.merged = False
+
+    def reset_lora_parameters(self) -> None:
+        """A random (kaiming-uniform as PEFT, or N(0, 1/r)), B zero: the layer starts as its base."""
+        if self.init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def is_quantized(self) -> bool:
+        return isinstance(self.base, QuantLinear)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in fp32, shape (out_features, in_features)."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        a, b = self.lora_A.weight, self.lora_B.weight
+        dropout_active = self.training and isinstance(self.dropout, nn.Dropout)
+        if self.is_quantized and not dropout_active:
+            # One fused call: base matmul and the LoRA side path share the x tiles.
+            return qlora_linear(x, self.base.qweight, a, b, self.scaling, self.base.bias, backend=self.base.backend)
+        y = self.base(x)
+        x_lora = self.dropout(x)
+        side = F.linear(F.linear(x_lora.to(a.dtype), a), b) * self.scaling
+        return y + side.to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> float:
+        """Fold B @ A into the base; returns the relative error of the stored merged weight.
+
+        Dense base: exact up to the weight dtype's rounding. Quantized base: dequantize, add,
+        requantize in the same format; the returned error is the requantization loss.
+        """
+        if self.merged:
+            raise ValueError("LoRALinear is already merged; call unmerge() first")
+        target = self.base_weight(torch.float32) + self.delta_weight()
+        if self.is_quantized:
+            qt = self.base.qweight
+            new = quantize(
+                target,
+                qt.format,
+                qt.group_size if qt.format != "int8" else None,
+                symmetric=qt.symmetric,
+                double_quant=qt.double_quant if qt.format == "nf4" else True,
+            )
+            self.base.replace_weight(new)
+        else:
+            self.base.weight.copy_(target.to(self.base.weight.dtype))
+        self.merged = True
+        stored = self.base_weight(torch.float32)
+        return ((stored - target).norm() / target.norm().clamp(min=1e-30)).item()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge()` on a dense base (a quantized base cannot be unmerged exactly)."""
+        if not self.merged:
+            raise ValueError("LoRALinear is not merged")
+        if self.is_quantized:
+            raise ValueError(
+                "cannot unmerge from a quantized base: requantization lost information; "
+                "keep an unmerged copy, or merge into a dequantized model instead"
+            )
+        self.base.weight.copy_((self.base.weight.float() - self.delta_weight()).to(self.base.weight.dtype))
+        self.merged = False
+
+    def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base's dense weight (dequantized if needed)."""
+        if self.is_quantized:
+            return self.base.dequantized_weight(dtype)
+        return self.base.weight.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, rslora={self.use_rslora}, merged={self.merged}"

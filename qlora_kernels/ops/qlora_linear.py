@@ -1,0 +1,216 @@
+"""`qlora_linear`: y = x @ dequant(W)^T + scaling * (x @ A^T) @ B^T (+ bias), with autograd.
+
+Three layers, as in the rest of the package:
+* `qlora_linear_ref`: plain differentiable PyTorch in fp32 on the dequantized weight, the
+  oracle of every test (and of `torch.autograd.gradcheck`).
+* `QLoRALinearFunction`: the memory-lean autograd function. It saves x and x @ A^T only and
+  decodes W again in the backward instead of keeping a dense copy; the forward/backward
+  arithmetic comes from a backend ("torch" here, "triton" from `qlora_kernels.kernels`).
+* `qlora_linear`: checks the arguments, applies autocast, picks the backend, flattens (..., K).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..formats import QuantizedTensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "torch", "triton")
+
+
+# --------------------------------------------------------------------------- reference
+def qlora_linear_ref(
+    x: torch.Tensor,
+    qt: QuantizedTensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The oracle: fp32 math on the dequantized weight (fp64 if x is fp64), output in x's dtype."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = qt.dequantize(torch.float32, backend="torch").to(compute)
+    xc = x.to(compute)
+    y = xc @ w.t()
+    if lora_a is not None:
+        y = y + scaling * ((xc @ lora_a.to(compute).t()) @ lora_b.to(compute).t())
+    if bias is not None:
+        y = y + bias.to(compute)
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- backends
+class QLoRABackend(Protocol):
+    """The arithmetic an autograd backend provides, on flattened 2-D x (M, K)."""
+
+    def forward(
+        self, x: torch.Tensor, qt: QuantizedTensor, lora_a, lora_b, scaling: float, bias
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (y (M, N) in x's dtype, xa = x @ A^T (M, r) in fp32 or None without LoRA)."""
+
+    def grad_input(self, dy: torch.Tensor, qt: QuantizedTensor, lora_a, lora_b, scaling: float) -> torch.Tensor:
+        """dX = dY @ W + scaling * (dY @ B) @ A, (M, K) in dy's dtype."""
+
+
+class TorchBackend:
+    """PyTorch implementation of the backend arithmetic (CPU path; any device)."""
+
+    def forward(self, x, qt, lora_a, lora_b, scaling, bias):
+        w = qt.dequantize(torch.float32, backend="auto")
+        xf = x.float()
+        y = xf @ w.t()
+        xa = None
+        if lora_a is not None:
+            xa = xf @ lora_a.float().t()
+            y.addmm_(xa, lora_b.float().t(), alpha=scaling)
+        if bias is not None:
+            y += bias.float()
+        return y.to(x.dtype), xa
+
+    def grad_input(self, dy, qt, lora_a, lora_b, scaling):
+        w = qt.dequantize(torch.float32, backend="auto")
+        dyf = dy.float()
+        dx = dyf @ w
+        if lora_a is not None:
+            dx.addmm_(dyf @ lora_b.float(), lora_a.float(), alpha=scaling)
+        return dx.to(dy.dtype)
+
+
+_BACKEND_IMPLS: dict[str, QLoRABackend] = {"torch": TorchBackend()}
+
+
+def register_qlora_backend(name: str, impl: QLoRABackend) -> None:
+    """Make `impl` selectable as ``qlora_linear(..., backend=name)``."""
+    _BACKEND_IMPLS[name] = impl
+
+
+def _triton_backend() -> QLoRABackend:
+    if "triton" not in _BACKEND_IMPLS:
+        try:
+            from ..kernels.qlora_matmul import TritonBackend
+        except ImportError as err:  # triton missing, or the kernel module not present
+            raise RuntimeError(f"backend='triton' is unavailable: {err}") from err
+        _BACKEND_IMPLS["triton"] = TritonBackend()
+    return _BACKEND_IMPLS["triton"]
+
+
+def resolve_backend(backend: str, device: torch.device) -> QLoRABackend:
+    if backend not in BACKENDS:
+        raise ValueError(f"qlora_linear: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "triton":
+        return _triton_backend()
+    return _BACKEND_IMPLS[backend]
+
+
+# ------------------------------------------------------------------------------ autograd
+@dataclass(frozen=True)
+class _Static:
+    qt: QuantizedTensor
+    scaling: float
+    backend: QLoRABackend
+
+
+class QLoRALinearFunction(torch.autograd.Function):
+    """Saves x and x @ A^T; the base weight gets no gradient and is decoded again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, bias, static: _Static):
+        y, xa = static.backend.forward(x, static.qt, lora_a, lora_b, static.scaling, bias)
+        ctx.static = static
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(x if lora_a is not None and ctx.needs_input_grad[1] else None, xa, lora_a, lora_b)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, lora_a, lora_b = ctx.saved_tensors
+        static: _Static = ctx.static
+        need_x, need_a, need_b, need_bias, _ = ctx.needs_input_grad
+        dx = da = db = dbias = None
+        dy = dy.contiguous()
+        if need_x:
+            dx = static.backend.grad_input(dy, static.qt, lora_a, lora_b, static.scaling)
+        if lora_a is not None and (need_a or need_b):
+            dyf = dy.float()
+            if need_b:
+                db = (static.scaling * (dyf.t() @ xa)).to(lora_b.dtype)
+            if need_a:
+                da = (static.scaling * ((dyf @ lora_b.float()).t() @ x.float())).to(lora_a.dtype)
+        if need_bias and ctx.has_bias:
+            dbias = dy.float().sum(0).to(ctx.bias_dtype)
+        return dx, da, db, dbias, None
+
+
+# ------------------------------------------------------------------------------ checks
+def check_qlora_args(x, qt, lora_a, lora_b, bias) -> None:
+    """Clear TypeError/ValueError for every argument `qlora_linear` cannot take."""
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"qlora_linear: qt must be a QuantizedTensor (qk.quantize(...)), got {type(qt).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"qlora_linear: x must be a bfloat16, float16 or float32 tensor, got {got}")
+    n, k = qt.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"qlora_linear: x's last dimension must equal in_features K={k}, got x of shape {tuple(x.shape)}"
+        )
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("qlora_linear: pass both lora_a and lora_b, or neither (no LoRA)")
+    if lora_a is not None:
+        if lora_a.dim() != 2 or lora_b.dim() != 2:
+            raise ValueError("qlora_linear: lora_a must be (r, K) and lora_b (N, r)")
+        r = lora_a.shape[0]
+        if lora_a.shape != (r, k):
+            raise ValueError(f"qlora_linear: lora_a must have shape (r, K=({r}, {k})), got {tuple(lora_a.shape)}")
+        if lora_b.shape != (n, r):
+            raise ValueError(
+                f"qlora_linear: lora_b must have shape (N, r)=({n}, {r}) to match lora_a, got {tuple(lora_b.shape)}"
+            )
+        for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+            if t.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"qlora_linear: {name} must be a float tensor, got {t.dtype}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"qlora_linear: bias must have shape ({n},), got {tuple(bias.shape)}")
+    devices = {t.device for t in (x, qt.data, lora_a, lora_b, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(
+            f"qlora_linear: x, the weight, lora_a/lora_b and bias must be on one device, got {sorted(map(str, devices))}"
+        )
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    qt: QuantizedTensor,
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y = x @ dequant(W)^T + scaling * (x @ A^T) @ B^T (+ bias), accumulated in fp32.
+
+    x: (..., K) in bf16, fp16 or fp32; W: qt of shape (N, K); lora_a: (r, K); lora_b: (N, r);
+    ``lora_a=None`` means a plain quantized linear. Output: (..., N) in x's dtype (or the
+    autocast dtype inside an autocast region). backend: ``"auto"`` (Triton on CUDA, PyTorch
+    on the CPU), ``"triton"`` or ``"torch"``.
+    """
+    check_qlora_args(x, qt, lora_a, lora_b, bias)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(dtype)
+    impl = resolve_backend(backend, x.device)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    with torch.autocast(device_type, enabled=False):
+        y = QLoRALinearFunction.apply(x2, lora_a, lora_b, bias, _Static(qt, float(scaling), impl))
+    return y.reshape(*lead, qt.shape[0])
