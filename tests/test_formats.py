@@ -188,3 +188,10 @@ def test_to_device_and_repr():
     qt = qk.quantize(torch.randn(8, 64), "nf4")
     assert qt.to("cpu").device.type == "cpu"
     assert "nf4" in repr(qt) and "double_quant" in repr(qt)
+
+
+def test_default_group_falls_back_to_one_that_divides_k():
+    assert qk.quantize(torch.randn(4, 96), "nf4").group_size == 32
+    assert qk.quantize(torch.randn(4, 128), "int4").group_size == 64
+    with pytest.raises(ValueError, match="does not divide"):
+        qk.quantize(torch.randn(4, 100), "int4")

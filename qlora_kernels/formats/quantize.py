@@ -40,7 +40,12 @@ def resolve_group_size(fmt: str, group_size: int | None, in_features: int) -> in
                 f"int8 uses one scale per output row; group_size={group_size} does not apply (pass group_size=None)"
             )
         return in_features
-    group = DEFAULT_GROUP_SIZE[fmt] if group_size is None else group_size
+    if group_size is None:
+        # Default: the format's usual group, or the largest smaller one that divides K.
+        fitting = [g for g in GROUP_SIZES if g <= DEFAULT_GROUP_SIZE[fmt] and in_features % g == 0]
+        group = fitting[-1] if fitting else DEFAULT_GROUP_SIZE[fmt]
+    else:
+        group = group_size
     if group not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES} for {fmt}, got {group_size}")
     if in_features % group:
@@ -60,7 +65,8 @@ def quantize(
 ) -> QuantizedTensor:
     """Quantize a dense (N, K) weight to ``"int8"``, ``"int4"`` or ``"nf4"``.
 
-    group_size: int4 group / NF4 block along K (default 64; 32, 64, 128 or 256, dividing K);
+    group_size: int4 group / NF4 block along K (32, 64, 128 or 256, dividing K; default 64, or 32
+    when 64 does not divide K);
     ignored for int8 (one scale per row). symmetric: int4 without zero point.
     double_quant: NF4 absmax values stored as 8-bit codes (QLoRA's double quantization).
     """

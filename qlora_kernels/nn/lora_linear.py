@@ -131,4 +131,7 @@ class LoRALinear(nn.Module):
         return self.base.weight.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, rslora={self.use_rslora}, merged={self.merged}"
+        return (
+            f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, "
+            f"rslora={self.use_rslora}, merged={self.merged}"
+        )

@@ -181,7 +181,8 @@ def check_qlora_args(x, qt, lora_a, lora_b, bias) -> None:
     devices = {t.device for t in (x, qt.data, lora_a, lora_b, bias) if t is not None}
     if len(devices) > 1:
         raise ValueError(
-            f"qlora_linear: x, the weight, lora_a/lora_b and bias must be on one device, got {sorted(map(str, devices))}"
+            "qlora_linear: x, the weight, lora_a/lora_b and bias must be on one device, "
+            f"got {sorted(map(str, devices))}"
         )
 
 

@@ -1,0 +1,108 @@
+"""qlora_linear's argument checks, dispatch, autocast and the torch backend's autograd function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close_by_norm
+
+import qlora_kernels as qk
+from qlora_kernels.ops.qlora_linear import QLoRALinearFunction, resolve_backend
+
+K, N, R = 64, 48, 4
+
+
+@pytest.fixture
+def args():
+    qt = qk.quantize(torch.randn(N, K) * 0.1, "nf4")
+    return qt, torch.randn(R, K) * 0.1, torch.randn(N, R) * 0.1, torch.randn(N)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 5)])
+def test_torch_backend_matches_the_reference(args, dtype, lead):
+    qt, a, b, bias = args
+    x = torch.randn(*lead, K).to(dtype)
+    y = qk.qlora_linear(x, qt, a, b, 0.7, bias, backend="torch")
+    assert y.dtype == dtype and y.shape == (*lead, N)
+    assert_close_by_norm(y, qk.qlora_linear_ref(x, qt, a, b, 0.7, bias), 1e-6)
+
+
+def test_the_function_saves_no_dense_weight(args):
+    qt, a, b, bias = args
+    x = torch.randn(6, K, requires_grad=True)
+    a = a.clone().requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        qk.qlora_linear(x, qt, a, b, 1.0, bias, backend="torch").sum().backward()
+    assert (N, K) not in saved, f"a dense weight was saved for backward: {saved}"
+
+
+def test_autocast_on_cpu_gives_bf16(args):
+    qt, a, b, bias = args
+    x = torch.randn(4, K)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = qk.qlora_linear(x, qt, a, b, 1.0, bias, backend="torch")
+    assert y.dtype == torch.bfloat16
+    assert_close_by_norm(y, qk.qlora_linear_ref(x.bfloat16(), qt, a, b, 1.0, bias), 1e-6)
+
+
+def test_non_contiguous_x_equals_its_contiguous_copy(args):
+    qt, a, b, bias = args
+    big = torch.randn(7, 2 * K)
+    x = big[:, ::2]
+    assert not x.is_contiguous()
+    torch.testing.assert_close(
+        qk.qlora_linear(x, qt, a, b, 1.0, bias, backend="torch"),
+        qk.qlora_linear(x.contiguous(), qt, a, b, 1.0, bias, backend="torch"),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_bias_gradient_and_no_lora(args):
+    qt, _, _, bias = args
+    bias = bias.clone().requires_grad_()
+    x = torch.randn(5, K, requires_grad=True)
+    qk.qlora_linear(x, qt, None, None, 1.0, bias, backend="torch").sum().backward()
+    torch.testing.assert_close(bias.grad, torch.full((N,), 5.0))
+    torch.testing.assert_close(x.grad, qt.dequantize(torch.float32).sum(0).expand(5, K).contiguous())
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (lambda x, a, b, bias: (x[:, :-1], a, b, bias), ValueError, "last dimension must equal in_features"),
+        (lambda x, a, b, bias: (x.long(), a, b, bias), TypeError, "x must be a bfloat16"),
+        (lambda x, a, b, bias: (x, a[:, :-1], b, bias), ValueError, "lora_a must have shape"),
+        (lambda x, a, b, bias: (x, a, b[:, :-1], bias), ValueError, "lora_b must have shape"),
+        (lambda x, a, b, bias: (x, a[:-1], b, bias), ValueError, "lora_b must have shape"),
+        (lambda x, a, b, bias: (x, a, None, bias), ValueError, "both lora_a and lora_b"),
+        (lambda x, a, b, bias: (x, a, b, bias[:-1]), ValueError, "bias must have shape"),
+        (lambda x, a, b, bias: (x, a.long(), b, bias), TypeError, "lora_a must be a float"),
+        (lambda x, a, b, bias: (x, a.to("meta"), b, bias), ValueError, "one device"),
+    ],
+)
+def test_bad_input(args, change, exc, match):
+    qt, a, b, bias = args
+    x, a, b, bias = change(torch.randn(3, K), a, b, bias)
+    with pytest.raises(exc, match=match):
+        qk.qlora_linear(x, qt, a, b, 1.0, bias, backend="torch")
+
+
+def test_unknown_backend_and_bad_weight(args):
+    qt, a, b, bias = args
+    with pytest.raises(ValueError, match="backend must be one of"):
+        qk.qlora_linear(torch.randn(2, K), qt, a, b, 1.0, bias, backend="cuda")
+    with pytest.raises(TypeError, match="QuantizedTensor"):
+        qk.qlora_linear(torch.randn(2, K), torch.randn(N, K), a, b)
+
+
+def test_auto_backend_is_torch_on_the_cpu():
+    assert type(resolve_backend("auto", torch.device("cpu"))).__name__ == "TorchBackend"
+    assert QLoRALinearFunction is not None
