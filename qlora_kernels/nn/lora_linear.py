@@ -42,6 +42,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        base.requires_grad_(False)  # the base is frozen: only lora_A / lora_B train
         self.base = base
         self.in_features, self.out_features = in_f, out_f
         self.r = r
