@@ -1,0 +1,575 @@
+"""QLoRA matmul on packed weights: fused Triton kernel (small M), buffer + cuBLAS path (large M).
+
+Forward:  y  = x  @ dequant(W)^T + scaling * (x  @ A^T) @ B^T (+ bias)      x: (M, K), W: (N, K)
+Backward: dx = dy @ dequant(W)   + scaling * (dy @ B)   @ A                 dy: (M, N)
+
+Both are the same shape of computation, so one kernel (`_qlora_matmul_kernel`) serves both
+with a constexpr MODE: an output tile (BLOCK_M, BLOCK_OUT) accumulates over a reduced dim in
+BLOCK_RED steps; each step decodes a W tile in registers (`load_weight_tile`) and also
+accumulates the LoRA down-projection (x @ A^T, or dy @ B) from the same activation tile; the
+epilogue adds the up-projection (side @ B^T, or side @ A) and the bias. W is never dense in
+memory on this path, and the backward decodes it again rather than keeping it from the forward.
+
+Large M is compute bound: the packed weight is decoded once into a reused dense buffer
+(`dequantize_triton`) and cuBLAS does the matmul; LoRA is applied rank first with addmm.
+`TritonBackend` picks the path by M (`FUSED_MAX_M`, `FUSED_BWD_MAX_M`).
+
+The launchers are also registered as torch.library custom ops ("qlora_kernels::qlora_forward",
+"qlora_kernels::qlora_grad_input") with fake implementations, so torch.compile treats them as
+opaque graph nodes instead of breaking the graph on the Triton launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats import QuantizedTensor
+from ._runtime import check_launchable, interpreter_enabled
+from .dequant import dequantize_triton, scales_row_stride, weight_kernel_args, weight_meta
+from .weight_tile import load_weight_tile
+
+# ------------------------------------------------------------------------------ dispatch
+#: Largest M (rows of x) that takes the fused forward kernel; above it, dequantize + cuBLAS.
+#: NOT measured yet: no GPU was lent for issue 3. Measure with benchmarks/gpu_check.py on the
+#: target card: time both paths (`force_path`) for M in 1..1024 at 4096x4096 and 4096x14336
+#: and set this to the largest M where the fused kernel is still faster. 64 is the design's
+#: memory-bound limit (DESIGN.md section 5), a starting guess.
+FUSED_MAX_M = 64
+#: Same, for the backward dX kernel (dY (M, N) @ W). Same measurement, fwd+bwd timings.
+FUSED_BWD_MAX_M = 64
+#: Autotune M buckets are powers of two capped here, so variable SFT lengths do not retune.
+M_BUCKET_CAP = 64
+
+#: Kernel modes (tl.constexpr MODE).
+MODE_FORWARD = 0
+MODE_GRAD_INPUT = 1
+
+#: LoRA rank is padded to a power of two >= this (the minimum tl.dot dimension).
+MIN_R_PAD = 16
+#: Shared memory budget used to prune configs: 99 KiB fits every sm_80+ card (sm_86/89 cap;
+#: A100 has 163 KiB, H100 227 KiB), so a config never fails to launch for lack of it.
+SMEM_BUDGET_BYTES = 99 * 1024
+
+
+# ---------------------------------------------------------------------------- the kernel
+@triton.jit
+def _qlora_matmul_kernel(
+    # pointers: activation (x or dy), packed weight (7, see weight_kernel_args), LoRA, bias, outputs
+    act_ptr,
+    data_ptr,
+    scales_ptr,
+    mins_ptr,
+    absmax_scales_ptr,
+    absmax_offset_ptr,
+    level_table_ptr,
+    nested_table_ptr,
+    down_ptr,
+    up_ptr,
+    bias_ptr,
+    out_ptr,
+    side_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,  # only an autotune key (bucketed M); unused by the body
+    # strides
+    stride_act_m,
+    stride_act_red,
+    stride_data_n,
+    stride_scales_n,
+    stride_down_red,
+    stride_down_r,
+    stride_up_r,
+    stride_up_out,
+    stride_out_m,
+    stride_side_m,
+    # scalars
+    scaling,
+    # meta-parameters
+    MODE: tl.constexpr,
+    FORMAT: tl.constexpr,
+    GROUP: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STORE_SIDE: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_OUT: tl.constexpr,
+    BLOCK_RED: tl.constexpr,
+):
+    """MODE_FORWARD: out = act @ W^T + s * (act @ down) @ up + bias, reduced over K.
+    MODE_GRAD_INPUT: out = act @ W + s * (act @ down) @ up, reduced over N.
+
+    down is read as a (RED, R) matrix and up as (R, OUT) through strides, so A (r, K) and
+    B (N, r) need no transposed copies in either mode. side = act @ down (fp32) is stored
+    when STORE_SIDE (the forward's x @ A^T for the backward).
+    """
+    pid_out = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    if MODE == 0:
+        OUT_SIZE = N
+        RED_SIZE = K
+    else:
+        OUT_SIZE = K
+        RED_SIZE = N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_out = pid_out * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_out = offs_out < OUT_SIZE
+    act_rows = act_ptr + offs_m.to(tl.int64)[:, None] * stride_act_m
+
+    acc = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=tl.float32)
+    side = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for red0 in range(0, RED_SIZE, BLOCK_RED):
+        red0 = tl.multiple_of(red0, BLOCK_RED)
+        offs_red = red0 + tl.arange(0, BLOCK_RED)
+        mask_red = offs_red < RED_SIZE
+        act = tl.load(
+            act_rows + offs_red.to(tl.int64)[None, :] * stride_act_red,
+            mask=mask_m[:, None] & mask_red[None, :],
+            other=0.0,
+        )
+        if MODE == 0:  # W tile (BLOCK_OUT rows of N, BLOCK_RED columns of K), used transposed
+            w = load_weight_tile(
+                data_ptr, scales_ptr, mins_ptr, absmax_scales_ptr, absmax_offset_ptr, level_table_ptr,
+                nested_table_ptr, offs_out, red0, N, K, stride_data_n, stride_scales_n,
+                FORMAT, GROUP, SYMMETRIC, DOUBLE_QUANT, BLOCK_OUT, BLOCK_RED,
+            )  # fmt: skip
+            w_op = tl.trans(w.to(act.dtype))
+        else:  # W tile (BLOCK_RED rows of N, BLOCK_OUT columns of K)
+            k0 = tl.multiple_of(pid_out * BLOCK_OUT, BLOCK_OUT)
+            w = load_weight_tile(
+                data_ptr, scales_ptr, mins_ptr, absmax_scales_ptr, absmax_offset_ptr, level_table_ptr,
+                nested_table_ptr, offs_red, k0, N, K, stride_data_n, stride_scales_n,
+                FORMAT, GROUP, SYMMETRIC, DOUBLE_QUANT, BLOCK_RED, BLOCK_OUT,
+            )  # fmt: skip
+            w_op = w.to(act.dtype)
+        # Tensor-core operands in the activation's dtype (bf16/fp16); an fp32 activation keeps
+        # fp32 operands with IEEE precision (no silent TF32). Accumulation is always fp32.
+        acc = tl.dot(act, w_op, acc, input_precision="ieee")
+        if HAS_LORA:
+            down_offs = offs_red.to(tl.int64)[:, None] * stride_down_red + offs_r[None, :] * stride_down_r
+            down = tl.load(down_ptr + down_offs, mask=mask_red[:, None] & (offs_r < R)[None, :], other=0.0)
+            side = tl.dot(act, down.to(tl.float32).to(act.dtype), side, input_precision="ieee")
+
+    if HAS_LORA:
+        # Rank-first up-projection in fp32 (R_PAD x BLOCK_OUT per tile: negligible work).
+        up_offs = offs_r[:, None] * stride_up_r + offs_out.to(tl.int64)[None, :] * stride_up_out
+        up = tl.load(up_ptr + up_offs, mask=(offs_r < R)[:, None] & mask_out[None, :], other=0.0).to(tl.float32)
+        acc += scaling * tl.dot(side, up, input_precision="ieee")
+        if STORE_SIDE:
+            # Every OUT-tile program computes `side` (it needs it for its own epilogue; A is
+            # r x K, tiny next to the BLOCK_OUT x K weight slice, and L2-resident), so the
+            # first column of programs writes it: no second pass over x, no atomics.
+            if pid_out == 0:
+                side_offs = offs_m.to(tl.int64)[:, None] * stride_side_m + offs_r[None, :]
+                tl.store(side_ptr + side_offs, side, mask=mask_m[:, None] & (offs_r < R)[None, :])
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_out, mask=mask_out, other=0.0).to(tl.float32)[None, :]
+    out_offs = offs_m.to(tl.int64)[:, None] * stride_out_m + offs_out[None, :]
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_out[None, :])
+
+
+# ------------------------------------------------------------------------------ autotune
+def _config(block_m: int, block_out: int, block_red: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_OUT": block_out, "BLOCK_RED": block_red}, num_warps=warps, num_stages=stages
+    )
+
+
+#: The one config used under TRITON_INTERPRET=1: small (interpreted tiles are slow) and valid
+#: for every format and group size (32 divides every group size in GROUP_SIZES).
+INTERPRETER_CONFIG = _config(16, 32, 32, 4, 1)
+
+
+def gpu_configs(mode: int) -> list[triton.Config]:
+    """Candidate GPU configs for `mode`, before pruning (also what kernel_report compiles).
+
+    Forward (small M, bandwidth bound): narrow M tiles, wide K steps (BLOCK_RED 64/128 = 32/64
+    packed bytes per weight row, enough for 128-bit loads), several stages to keep loads in
+    flight. Backward: the weight tile's K extent is BLOCK_OUT, so it is the one bounded by
+    the group size.
+    """
+    if mode == MODE_FORWARD:
+        return [
+            _config(16, 64, 128, 4, 4),
+            _config(16, 128, 64, 4, 4),
+            _config(32, 64, 128, 4, 3),
+            _config(64, 128, 64, 8, 3),
+        ]
+    return [
+        _config(16, 64, 64, 4, 4),
+        _config(16, 128, 64, 4, 3),
+        _config(32, 64, 128, 4, 3),
+        _config(64, 128, 64, 8, 3),
+    ]
+
+
+def kernel_configs(mode: int) -> list[triton.Config]:
+    """The configs the autotuner sees: the interpreter's single one, or the GPU list."""
+    return [INTERPRETER_CONFIG] if interpreter_enabled() else gpu_configs(mode)
+
+
+def smem_estimate(block_m: int, block_out: int, block_red: int, stages: int, r_pad: int, elem_bytes: int) -> int:
+    """Rough shared memory bytes of a config: pipelined activation/down tiles + the decoded W tile."""
+    per_stage = (block_m * block_red + block_red * r_pad) * elem_bytes
+    return stages * per_stage + block_out * block_red * elem_bytes + r_pad * block_out * 4
+
+
+def config_is_valid(cfg: triton.Config, mode: int, group: int, fmt_id: int, m_bucket: int, r_pad: int) -> bool:
+    """Invariants: the weight tile's K extent divides the group (4-bit formats); M tile not
+    far wider than the bucket; shared memory within SMEM_BUDGET_BYTES (bf16 worst case fp32)."""
+    kw = cfg.kwargs
+    weight_k = kw["BLOCK_RED"] if mode == MODE_FORWARD else kw["BLOCK_OUT"]
+    if fmt_id != 0 and (weight_k > group or group % weight_k):
+        return False
+    if kw["BLOCK_M"] > max(16, m_bucket):
+        return False
+    smem = smem_estimate(kw["BLOCK_M"], kw["BLOCK_OUT"], kw["BLOCK_RED"], cfg.num_stages, r_pad, 4)
+    return smem <= SMEM_BUDGET_BYTES
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """early_config_prune hook: keep the configs that satisfy `config_is_valid`."""
+    args = {**named_args, **kwargs}
+    keep = [
+        c
+        for c in configs
+        if config_is_valid(c, args["MODE"], args["GROUP"], args["FORMAT"], args["M_BUCKET"], args["R_PAD"])
+    ]
+    if not keep:
+        raise ValueError(f"no kernel config satisfies the invariants for group size {args['GROUP']}")
+    return keep
+
+
+def _tuned(mode: int):
+    return triton.autotune(
+        configs=kernel_configs(mode),
+        key=["M_BUCKET", "N", "K", "R_PAD", "FORMAT", "GROUP", "HAS_LORA", "HAS_BIAS"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(_qlora_matmul_kernel)
+
+
+# One autotuner per mode, so forward and backward keep separate tuning caches.
+_forward_tuned = _tuned(MODE_FORWARD)
+_grad_input_tuned = _tuned(MODE_GRAD_INPUT)
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: next power of two, capped at M_BUCKET_CAP."""
+    return min(triton.next_power_of_2(max(m, 1)), M_BUCKET_CAP)
+
+
+def lora_r_pad(r: int) -> int:
+    """LoRA rank padded to a power of two >= MIN_R_PAD (tl.dot's minimum dimension)."""
+    return max(MIN_R_PAD, triton.next_power_of_2(max(r, 1)))
+
+
+# ----------------------------------------------------------------------------- launchers
+def _check_fused_args(act: torch.Tensor, qt: QuantizedTensor, lora_a, lora_b, op: str) -> None:
+    check_launchable(act, qt.data, lora_a, lora_b, op=op)
+    if act.dim() != 2:
+        raise ValueError(f"{op}: the activation must be 2-D (M, features), got {tuple(act.shape)}")
+    if act.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{op}: the activation must be bf16, fp16 or fp32, got {act.dtype}")
+
+
+def _launch(
+    mode: int,
+    act: torch.Tensor,
+    qt: QuantizedTensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    side: torch.Tensor | None,
+) -> None:
+    """Launch the fused kernel; strides of every input are passed (non-contiguous is fine)."""
+    n, k = qt.shape
+    m = act.shape[0]
+    has_lora = lora_a is not None
+    r = lora_a.shape[0] if has_lora else 0
+    if mode == MODE_FORWARD:  # down = A^T read as (K, r); up = B^T read as (r, N)
+        down, up = lora_a, lora_b
+        down_strides = (lora_a.stride(1), lora_a.stride(0)) if has_lora else (0, 0)
+        up_strides = (lora_b.stride(1), lora_b.stride(0)) if has_lora else (0, 0)
+        out_size, tuned = n, _forward_tuned
+    else:  # down = B (N, r); up = A (r, K)
+        down, up = lora_b, lora_a
+        down_strides = (lora_b.stride(0), lora_b.stride(1)) if has_lora else (0, 0)
+        up_strides = (lora_a.stride(0), lora_a.stride(1)) if has_lora else (0, 0)
+        out_size, tuned = k, _grad_input_tuned
+    placeholder = out
+    grid = lambda meta: (triton.cdiv(out_size, meta["BLOCK_OUT"]), triton.cdiv(m, meta["BLOCK_M"]))
+    tuned[grid](
+        act,
+        *weight_kernel_args(qt),
+        down if has_lora else placeholder,
+        up if has_lora else placeholder,
+        bias if bias is not None else placeholder,
+        out,
+        side if side is not None else placeholder,
+        m,
+        n,
+        k,
+        r,
+        m_bucket(m),
+        act.stride(0),
+        act.stride(1),
+        qt.data.stride(0),
+        scales_row_stride(qt),
+        *down_strides,
+        *up_strides,
+        out.stride(0),
+        side.stride(0) if side is not None else 0,
+        float(scaling),
+        MODE=mode,
+        **weight_meta(qt),
+        HAS_LORA=has_lora,
+        HAS_BIAS=bias is not None,
+        STORE_SIDE=side is not None,
+        R_PAD=lora_r_pad(r),
+    )
+
+
+def qlora_forward_fused(
+    x: torch.Tensor,
+    qt: QuantizedTensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fused small-M forward: (y (M, N) in x's dtype, x @ A^T (M, r) fp32 or None)."""
+    _check_fused_args(x, qt, lora_a, lora_b, op="qlora_forward_fused")
+    m = x.shape[0]
+    y = torch.empty((m, qt.shape[0]), dtype=x.dtype, device=x.device)
+    xa = torch.empty((m, lora_a.shape[0]), dtype=torch.float32, device=x.device) if lora_a is not None else None
+    _launch(MODE_FORWARD, x, qt, lora_a, lora_b, scaling, bias, y, xa)
+    return y, xa
+
+
+def qlora_grad_input_fused(
+    dy: torch.Tensor,
+    qt: QuantizedTensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Fused small-M backward: dx = dy @ W + scaling * (dy @ B) @ A, (M, K) in dy's dtype."""
+    _check_fused_args(dy, qt, lora_a, lora_b, op="qlora_grad_input_fused")
+    dx = torch.empty((dy.shape[0], qt.shape[1]), dtype=dy.dtype, device=dy.device)
+    _launch(MODE_GRAD_INPUT, dy, qt, lora_a, lora_b, scaling, None, dx, None)
+    return dx
+
+
+# ------------------------------------------------------------------- large-M (buffer) path
+#: Dense decode buffers for the large-M path, keyed on (shape, dtype, device). One buffer is
+#: reused by every layer of that shape: the decode and the matmul that reads it run in stream
+#: order, and nothing keeps a reference past the matmul (autograd saves x and x @ A^T, never
+#: the buffer). Not safe if two streams run layers of one shape concurrently.
+_WEIGHT_BUFFERS: dict[tuple[tuple[int, int], torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def weight_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The reused (N, K) decode buffer for this shape/dtype/device (allocated on first use)."""
+    key = (tuple(shape), dtype, torch.device(device))
+    buf = _WEIGHT_BUFFERS.get(key)
+    if buf is None:
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        _WEIGHT_BUFFERS[key] = buf
+    return buf
+
+
+def clear_weight_buffers() -> None:
+    """Free the decode buffers (e.g. after training, or between models of different shapes)."""
+    _WEIGHT_BUFFERS.clear()
+
+
+def _decoded(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_triton(qt, dtype, out=weight_buffer(qt.shape, dtype, qt.device))
+
+
+def qlora_forward_dense(
+    x: torch.Tensor,
+    qt: QuantizedTensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Large-M forward: decode W into the reused buffer, cuBLAS matmul, LoRA rank first."""
+    dtype = x.dtype
+    w = _decoded(qt, dtype)
+    y = torch.addmm(bias.to(dtype), x, w.t()) if bias is not None else torch.mm(x, w.t())
+    xa = None
+    if lora_a is not None:
+        xa = torch.mm(x, lora_a.to(dtype).t()).float()
+        y.addmm_(xa.to(dtype), lora_b.to(dtype).t(), alpha=scaling)
+    return y, xa
+
+
+def qlora_grad_input_dense(
+    dy: torch.Tensor, qt: QuantizedTensor, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Large-M backward: decode W again into the reused buffer (never kept from the forward)."""
+    dtype = dy.dtype
+    dx = torch.mm(dy, _decoded(qt, dtype))
+    if lora_a is not None:
+        dx.addmm_(torch.mm(dy, lora_b.to(dtype)), lora_a.to(dtype), alpha=scaling)
+    return dx
+
+
+# ---------------------------------------------------------------------- dispatch by M
+def qlora_forward_triton(
+    x: torch.Tensor,
+    qt: QuantizedTensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward on (M, K) x: fused kernel for M <= FUSED_MAX_M, else the buffer path."""
+    if x.shape[0] <= FUSED_MAX_M:
+        return qlora_forward_fused(x, qt, lora_a, lora_b, scaling, bias)
+    return qlora_forward_dense(x, qt, lora_a, lora_b, scaling, bias)
+
+
+def qlora_grad_input_triton(
+    dy: torch.Tensor, qt: QuantizedTensor, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """dX on (M, N) dy: fused kernel for M <= FUSED_BWD_MAX_M, else the buffer path."""
+    if dy.shape[0] <= FUSED_BWD_MAX_M:
+        return qlora_grad_input_fused(dy, qt, lora_a, lora_b, scaling)
+    return qlora_grad_input_dense(dy, qt, lora_a, lora_b, scaling)
+
+
+# ------------------------------------------------------------- torch.library custom ops
+# The launchers take a QuantizedTensor, which torch.library cannot type; the ops take its
+# fields and rebuild it (a frozen dataclass: free). Fake implementations give torch.compile
+# the output shapes, so the Triton launch is one opaque node instead of a graph break.
+OP_NAMESPACE = "qlora_kernels"
+_HAS_CUSTOM_OP = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_fake")
+
+
+def _rebuild(data, scales, mins, absmax_scales, absmax_offset, fmt, n, k, group_size, symmetric) -> QuantizedTensor:
+    return QuantizedTensor(
+        format=fmt,
+        shape=(n, k),
+        group_size=group_size,
+        data=data,
+        scales=scales,
+        mins=mins,
+        absmax_scales=absmax_scales,
+        absmax_offset=absmax_offset,
+        symmetric=symmetric,
+    )
+
+
+def _forward_impl(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    absmax_scales: torch.Tensor | None,
+    absmax_offset: torch.Tensor | None,
+    fmt: str,
+    n: int,
+    k: int,
+    group_size: int,
+    symmetric: bool,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, xa); without LoRA xa is an empty (M, 0) tensor (custom ops cannot return None)."""
+    qt = _rebuild(data, scales, mins, absmax_scales, absmax_offset, fmt, n, k, group_size, symmetric)
+    y, xa = qlora_forward_triton(x, qt, lora_a, lora_b, scaling, bias)
+    if xa is None:
+        xa = x.new_empty((x.shape[0], 0), dtype=torch.float32)
+    return y, xa
+
+
+def _forward_fake(x, data, scales, mins, absmax_scales, absmax_offset, fmt, n, k, group_size, symmetric, lora_a,
+                  lora_b, scaling, bias):  # fmt: skip
+    r = lora_a.shape[0] if lora_a is not None else 0
+    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], r), dtype=torch.float32)
+
+
+def _grad_input_impl(
+    dy: torch.Tensor,
+    data: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    absmax_scales: torch.Tensor | None,
+    absmax_offset: torch.Tensor | None,
+    fmt: str,
+    n: int,
+    k: int,
+    group_size: int,
+    symmetric: bool,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    qt = _rebuild(data, scales, mins, absmax_scales, absmax_offset, fmt, n, k, group_size, symmetric)
+    return qlora_grad_input_triton(dy, qt, lora_a, lora_b, scaling)
+
+
+def _grad_input_fake(dy, data, scales, mins, absmax_scales, absmax_offset, fmt, n, k, group_size, symmetric, lora_a,
+                     lora_b, scaling):  # fmt: skip
+    return dy.new_empty((dy.shape[0], k))
+
+
+if _HAS_CUSTOM_OP:
+    qlora_forward_op = torch.library.custom_op(f"{OP_NAMESPACE}::qlora_forward", mutates_args=())(_forward_impl)
+    torch.library.register_fake(f"{OP_NAMESPACE}::qlora_forward")(_forward_fake)
+    qlora_grad_input_op = torch.library.custom_op(f"{OP_NAMESPACE}::qlora_grad_input", mutates_args=())(
+        _grad_input_impl
+    )
+    torch.library.register_fake(f"{OP_NAMESPACE}::qlora_grad_input")(_grad_input_fake)
+else:  # torch without torch.library.custom_op: call the launchers directly (eager only)
+    qlora_forward_op = _forward_impl
+    qlora_grad_input_op = _grad_input_impl
+
+
+def _weight_fields(qt: QuantizedTensor) -> tuple:
+    n, k = qt.shape
+    return (qt.data, qt.scales, qt.mins, qt.absmax_scales, qt.absmax_offset, qt.format, n, k, qt.group_size,
+            qt.symmetric)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the backend
+class TritonBackend:
+    """`QLoRABackend` on the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        qt: QuantizedTensor,
+        lora_a: torch.Tensor | None,
+        lora_b: torch.Tensor | None,
+        scaling: float,
+        bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, xa = qlora_forward_op(x, *_weight_fields(qt), lora_a, lora_b, float(scaling), bias)
+        return y, (xa if lora_a is not None else None)
+
+    def grad_input(
+        self,
+        dy: torch.Tensor,
+        qt: QuantizedTensor,
+        lora_a: torch.Tensor | None,
+        lora_b: torch.Tensor | None,
+        scaling: float,
+    ) -> torch.Tensor:
+        return qlora_grad_input_op(dy, *_weight_fields(qt), lora_a, lora_b, float(scaling))
