@@ -8,6 +8,7 @@ the PyTorch reference for every native op.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 from pathlib import Path
 
@@ -29,12 +30,15 @@ def native_extensions():
     except ImportError:
         print("qlora-kernels: native extension skipped (torch is not importable at build time)")
         return [], {}
+    # -ffp-contract=off: no fused multiply-adds, so each value is computed with the reference's
+    # separately rounded fp32 operations (bit-identical output).
+    compile_args = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        compile_args.append("-march=x86-64-v2")  # SSSE3 byte shuffles; runs on any x86-64 CPU since 2009
     ext = CppExtension(
         "qlora_kernels._native",
         sources,
-        extra_compile_args=["-O3", "-fopenmp", "-march=x86-64-v2"]
-        if os.uname().machine == "x86_64"
-        else ["-O3", "-fopenmp"],
+        extra_compile_args=compile_args,
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import QuantizedTensor, register_dequant_backend, set_auto_policy
+from .native import dequantize_native, native_available
 
 
 def _dequantize_triton(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
@@ -14,8 +15,14 @@ def _dequantize_triton(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _auto_backend(qt: QuantizedTensor) -> str:
-    return "triton" if qt.device.type == "cuda" else "torch"
+    """Triton on CUDA; on the CPU the C++ extension when it is built, else the reference."""
+    if qt.device.type == "cuda":
+        return "triton"
+    if qt.device.type == "cpu" and native_available():
+        return "native"
+    return "torch"
 
 
 register_dequant_backend("triton", _dequantize_triton)
+register_dequant_backend("native", dequantize_native)
 set_auto_policy(_auto_backend)

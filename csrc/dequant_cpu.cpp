@@ -1,0 +1,344 @@
+// CPU dequantization of int8, int4 and NF4 weights into a caller-provided fp32/bf16/fp16 buffer.
+//
+// Layouts are those of qlora_kernels/formats/tensor.py. Each output element is computed with
+// exactly the fp32 operations of the PyTorch reference (qlora_kernels/formats/reference.py), in
+// the same order, then rounded to the output dtype with c10's round-to-nearest-even conversions,
+// so the result is bit-identical to the reference.
+//
+// 4-bit formats: every value of a group is one of 16, so for each group we compute the 16
+// decoded values once (in fp32, then converted), split them into byte planes and decode 16
+// packed bytes (32 codes) at a time with byte shuffles (SSSE3) — a table lookup in registers.
+// A scalar table lookup is the fallback on other CPUs. Rows are split across threads with
+// at::parallel_for.
+//
+// Operators (schemas in TORCH_LIBRARY below), all writing into `out` (N, K), contiguous:
+//   qlora_kernels::dequantize_int8_into(data, scales, out)
+//   qlora_kernels::dequantize_int4_into(data, scales, mins?, group_size, out)  (mins None: symmetric)
+//   qlora_kernels::dequantize_nf4_into(data, absmax, levels, block_size, nested_code?,
+//                                      absmax_scales?, absmax_offset?, out)
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#if defined(__SSSE3__)
+#include <immintrin.h>
+#define QK_HAVE_SSSE3 1
+#else
+#define QK_HAVE_SSSE3 0
+#endif
+
+namespace qlora_kernels {
+namespace {
+
+constexpr int64_t kNestedBlock = 256;  // NF4 absmax values per fp32 scale (formats.NESTED_BLOCK)
+constexpr int64_t kMinElementsPerTask = 1 << 15;
+
+// ------------------------------------------------------------------------------ checks
+std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kDouble: return "torch.float64";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+std::string py_shape(c10::IntArrayRef shape) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+  s << (shape.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+// Same wording as formats.tensor.validate_layout: "'name' should be DTYPE SHAPE, got DTYPE SHAPE".
+void check_field(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype,
+                 std::vector<int64_t> shape) {
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype && t.sizes() == c10::IntArrayRef(shape), op, ": '", name,
+                    "' should be ", py_dtype(dtype), " ", py_shape(shape), ", got ", py_dtype(t.scalar_type()), " ",
+                    py_shape(t.sizes()));
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": '", name, "' is on ", t.device(),
+                    "; the native kernels run on the CPU: move the weight with qt.to('cpu'), or use "
+                    "backend='triton' for CUDA tensors");
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": '", name, "' must be contiguous; pass t.contiguous()");
+}
+
+// `out` decides N and K; returns (N, K).
+std::pair<int64_t, int64_t> check_out(const char* op, const at::Tensor& out) {
+  const auto t = out.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, op,
+                   ": out must be torch.float32, torch.float16 or torch.bfloat16, got ", py_dtype(t));
+  TORCH_CHECK_VALUE(out.dim() == 2, op, ": out must be 2-D (N, K), got shape ", py_shape(out.sizes()));
+  TORCH_CHECK_VALUE(out.device().is_cpu(), op, ": out is on ", out.device(),
+                    "; the native kernels run on the CPU: pass a CPU buffer");
+  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous; allocate it with torch.empty((N, K), ...)");
+  return {out.size(0), out.size(1)};
+}
+
+void check_group(const char* op, const char* what, int64_t group, int64_t k) {
+  TORCH_CHECK_VALUE(group == 32 || group == 64 || group == 128 || group == 256, op, ": ", what,
+                    " must be one of (32, 64, 128, 256), got ", group);
+  TORCH_CHECK_VALUE(k % group == 0, op, ": ", what, "=", group, " does not divide in_features K=", k);
+}
+
+int64_t grain_rows(int64_t k) { return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(k, 1)); }
+
+// ------------------------------------------------------------------- output conversion
+template <typename T>
+inline T from_float(float v) {
+  return T(v);  // c10::BFloat16 / c10::Half: round to nearest even, as Tensor.to() does
+}
+template <>
+inline float from_float<float>(float v) {
+  return v;
+}
+
+// ---------------------------------------------------------------- 4-bit group decoding
+// A group's 16 decoded values (already in the output type) and, with SSSE3, their byte planes.
+template <typename T>
+struct GroupTable {
+  static constexpr int kBytes = sizeof(T);
+  alignas(16) T values[16];
+#if QK_HAVE_SSSE3
+  __m128i planes[kBytes];
+
+  void split_planes() {
+    const auto* v = reinterpret_cast<const __m128i*>(values);
+    if constexpr (kBytes == 2) {
+      const __m128i even_odd = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+      const __m128i a = _mm_shuffle_epi8(_mm_load_si128(v), even_odd);
+      const __m128i b = _mm_shuffle_epi8(_mm_load_si128(v + 1), even_odd);
+      planes[0] = _mm_unpacklo_epi64(a, b);
+      planes[1] = _mm_unpackhi_epi64(a, b);
+    } else {
+      const __m128i by_byte = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+      const __m128i v0 = _mm_shuffle_epi8(_mm_load_si128(v), by_byte);
+      const __m128i v1 = _mm_shuffle_epi8(_mm_load_si128(v + 1), by_byte);
+      const __m128i v2 = _mm_shuffle_epi8(_mm_load_si128(v + 2), by_byte);
+      const __m128i v3 = _mm_shuffle_epi8(_mm_load_si128(v + 3), by_byte);
+      const __m128i t0 = _mm_unpacklo_epi32(v0, v1);
+      const __m128i t1 = _mm_unpacklo_epi32(v2, v3);
+      const __m128i t2 = _mm_unpackhi_epi32(v0, v1);
+      const __m128i t3 = _mm_unpackhi_epi32(v2, v3);
+      planes[0] = _mm_unpacklo_epi64(t0, t1);
+      planes[1] = _mm_unpackhi_epi64(t0, t1);
+      planes[2] = _mm_unpacklo_epi64(t2, t3);
+      planes[3] = _mm_unpackhi_epi64(t2, t3);
+    }
+  }
+
+  // Look up 16 codes (one per byte of `codes`) and store 16 outputs at dst.
+  inline void lookup16(__m128i codes, T* dst) const {
+    auto* d = reinterpret_cast<__m128i*>(dst);
+    if constexpr (kBytes == 2) {
+      const __m128i b0 = _mm_shuffle_epi8(planes[0], codes);
+      const __m128i b1 = _mm_shuffle_epi8(planes[1], codes);
+      _mm_storeu_si128(d, _mm_unpacklo_epi8(b0, b1));
+      _mm_storeu_si128(d + 1, _mm_unpackhi_epi8(b0, b1));
+    } else {
+      const __m128i b0 = _mm_shuffle_epi8(planes[0], codes);
+      const __m128i b1 = _mm_shuffle_epi8(planes[1], codes);
+      const __m128i b2 = _mm_shuffle_epi8(planes[2], codes);
+      const __m128i b3 = _mm_shuffle_epi8(planes[3], codes);
+      const __m128i w01l = _mm_unpacklo_epi8(b0, b1);
+      const __m128i w23l = _mm_unpacklo_epi8(b2, b3);
+      const __m128i w01h = _mm_unpackhi_epi8(b0, b1);
+      const __m128i w23h = _mm_unpackhi_epi8(b2, b3);
+      _mm_storeu_si128(d, _mm_unpacklo_epi16(w01l, w23l));
+      _mm_storeu_si128(d + 1, _mm_unpackhi_epi16(w01l, w23l));
+      _mm_storeu_si128(d + 2, _mm_unpacklo_epi16(w01h, w23h));
+      _mm_storeu_si128(d + 3, _mm_unpackhi_epi16(w01h, w23h));
+    }
+  }
+#endif
+
+  void set(const float (&f)[16]) {
+    for (int i = 0; i < 16; ++i) values[i] = from_float<T>(f[i]);
+#if QK_HAVE_SSSE3
+    split_planes();
+#endif
+  }
+
+  // Decode `nbytes` packed bytes (high nibble first, as formats.packing) into 2 * nbytes outputs.
+  inline void decode(const uint8_t* src, int64_t nbytes, T* dst) const {
+    int64_t j = 0;
+#if QK_HAVE_SSSE3
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    for (; j + 16 <= nbytes; j += 16) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+      const __m128i lo = _mm_and_si128(v, low4);
+      lookup16(_mm_unpacklo_epi8(hi, lo), dst + 2 * j);
+      lookup16(_mm_unpackhi_epi8(hi, lo), dst + 2 * j + 16);
+    }
+#endif
+    for (; j < nbytes; ++j) {
+      const uint8_t b = src[j];
+      dst[2 * j] = values[b >> 4];
+      dst[2 * j + 1] = values[b & 0x0F];
+    }
+  }
+};
+
+// Decode rows of packed 4-bit codes; fill(row, group, f) writes the group's 16 fp32 values.
+template <typename T, typename Fill>
+void decode_4bit_rows(const uint8_t* data, T* out, int64_t n, int64_t k, int64_t group, const Fill& fill) {
+  const int64_t groups = k / group;
+  at::parallel_for(0, n, grain_rows(k), [&](int64_t r0, int64_t r1) {
+    GroupTable<T> table;
+    float f[16];
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* src = data + r * (k / 2);
+      T* dst = out + r * k;
+      for (int64_t g = 0; g < groups; ++g) {
+        fill(r, g, f);
+        table.set(f);
+        table.decode(src + g * (group / 2), group / 2, dst + g * group);
+      }
+    }
+  });
+}
+
+template <typename Fn>
+void dispatch_out(const at::Tensor& out, const Fn& fn) {
+  switch (out.scalar_type()) {
+    case at::kFloat: fn(out.data_ptr<float>()); break;
+    case at::kBFloat16: fn(out.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: fn(out.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "unreachable: out dtype was checked");
+  }
+}
+
+// ------------------------------------------------------------------------------ int8
+template <typename T>
+void int8_rows(const int8_t* q, const float* scales, T* out, int64_t n, int64_t k) {
+  at::parallel_for(0, n, grain_rows(k), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float s = scales[r];
+      const int8_t* src = q + r * k;
+      T* dst = out + r * k;
+      for (int64_t i = 0; i < k; ++i) dst[i] = from_float<T>(static_cast<float>(src[i]) * s);
+    }
+  });
+}
+
+void dequantize_int8_into(const at::Tensor& data, const at::Tensor& scales, at::Tensor& out) {
+  constexpr const char* op = "dequantize_int8 (native)";
+  const auto [n, k] = check_out(op, out);
+  check_field(op, "data", data, at::kChar, {n, k});
+  check_field(op, "scales", scales, at::kFloat, {n});
+  const int8_t* q = data.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  dispatch_out(out, [&](auto* dst) { int8_rows(q, s, dst, n, k); });
+}
+
+// ------------------------------------------------------------------------------ int4
+void dequantize_int4_into(const at::Tensor& data, const at::Tensor& scales, const std::optional<at::Tensor>& mins,
+                          int64_t group_size, at::Tensor& out) {
+  constexpr const char* op = "dequantize_int4 (native)";
+  const auto [n, k] = check_out(op, out);
+  check_group(op, "group_size", group_size, k);
+  check_field(op, "data", data, at::kByte, {n, k / 2});
+  check_field(op, "scales", scales, at::kHalf, {n, k / group_size});
+  if (mins) check_field(op, "mins", *mins, at::kHalf, {n, k / group_size});
+  const uint8_t* q = data.data_ptr<uint8_t>();
+  const c10::Half* s = scales.data_ptr<c10::Half>();
+  const int64_t groups = k / group_size;
+  if (mins) {
+    const c10::Half* m = mins->data_ptr<c10::Half>();
+    // Reference: q * s + m, both fp16 values converted to fp32 first.
+    auto fill = [=](int64_t r, int64_t g, float (&f)[16]) {
+      const float sc = static_cast<float>(s[r * groups + g]);
+      const float mn = static_cast<float>(m[r * groups + g]);
+      for (int i = 0; i < 16; ++i) f[i] = static_cast<float>(i) * sc + mn;
+    };
+    dispatch_out(out, [&](auto* dst) { decode_4bit_rows(q, dst, n, k, group_size, fill); });
+  } else {
+    // Reference: (q - 8) * s.
+    auto fill = [=](int64_t r, int64_t g, float (&f)[16]) {
+      const float sc = static_cast<float>(s[r * groups + g]);
+      for (int i = 0; i < 16; ++i) f[i] = (static_cast<float>(i) - 8.0f) * sc;
+    };
+    dispatch_out(out, [&](auto* dst) { decode_4bit_rows(q, dst, n, k, group_size, fill); });
+  }
+}
+
+// ------------------------------------------------------------------------------- nf4
+void dequantize_nf4_into(const at::Tensor& data, const at::Tensor& absmax, const at::Tensor& levels,
+                         int64_t block_size, const std::optional<at::Tensor>& nested_code,
+                         const std::optional<at::Tensor>& absmax_scales,
+                         const std::optional<at::Tensor>& absmax_offset, at::Tensor& out) {
+  constexpr const char* op = "dequantize_nf4 (native)";
+  const auto [n, k] = check_out(op, out);
+  check_group(op, "block_size", block_size, k);
+  const int64_t blocks = n * (k / block_size);
+  const int64_t per_row = k / block_size;
+  check_field(op, "data", data, at::kByte, {n, k / 2});
+  check_field(op, "levels", levels, at::kFloat, {16});
+  const bool double_quant = absmax_scales.has_value();
+  TORCH_CHECK_VALUE(double_quant == nested_code.has_value() && double_quant == absmax_offset.has_value(), op,
+                    ": double quantization needs nested_code, absmax_scales and absmax_offset together "
+                    "(pass all three, or none for fp32 absmax)");
+  const uint8_t* q = data.data_ptr<uint8_t>();
+  const float* lv = levels.data_ptr<float>();
+  if (!double_quant) {
+    check_field(op, "absmax", absmax, at::kFloat, {blocks});
+    const float* a = absmax.data_ptr<float>();
+    // Reference: NF4_LEVELS[q] * absmax[block].
+    auto fill = [=](int64_t r, int64_t g, float (&f)[16]) {
+      const float am = a[r * per_row + g];
+      for (int i = 0; i < 16; ++i) f[i] = lv[i] * am;
+    };
+    dispatch_out(out, [&](auto* dst) { decode_4bit_rows(q, dst, n, k, block_size, fill); });
+    return;
+  }
+  check_field(op, "absmax", absmax, at::kByte, {blocks});
+  check_field(op, "nested_code", *nested_code, at::kFloat, {256});
+  check_field(op, "absmax_scales", *absmax_scales, at::kFloat, {(blocks + kNestedBlock - 1) / kNestedBlock});
+  check_field(op, "absmax_offset", *absmax_offset, at::kFloat, {1});
+  const uint8_t* codes = absmax.data_ptr<uint8_t>();
+  const float* dyn = nested_code->data_ptr<float>();
+  const float* sc = absmax_scales->data_ptr<float>();
+  const float offset = *absmax_offset->data_ptr<float>();
+  // Reference: absmax = dynamic[code] * absmax_scales[block // 256] + offset; then levels[q] * absmax.
+  auto fill = [=](int64_t r, int64_t g, float (&f)[16]) {
+    const int64_t b = r * per_row + g;
+    const float scaled = dyn[codes[b]] * sc[b / kNestedBlock];
+    const float am = scaled + offset;
+    for (int i = 0; i < 16; ++i) f[i] = lv[i] * am;
+  };
+  dispatch_out(out, [&](auto* dst) { decode_4bit_rows(q, dst, n, k, block_size, fill); });
+}
+
+}  // namespace
+}  // namespace qlora_kernels
+
+TORCH_LIBRARY(qlora_kernels, m) {
+  m.def("dequantize_int8_into(Tensor data, Tensor scales, Tensor(a!) out) -> ()");
+  m.def("dequantize_int4_into(Tensor data, Tensor scales, Tensor? mins, int group_size, Tensor(a!) out) -> ()");
+  m.def(
+      "dequantize_nf4_into(Tensor data, Tensor absmax, Tensor levels, int block_size, Tensor? nested_code, "
+      "Tensor? absmax_scales, Tensor? absmax_offset, Tensor(a!) out) -> ()");
+}
+
+// CompositeExplicitAutograd: the kernels see tensors of every device, so a CUDA tensor gets
+// the clear "move it to the CPU" error above instead of a dispatcher error.
+TORCH_LIBRARY_IMPL(qlora_kernels, CompositeExplicitAutograd, m) {
+  m.impl("dequantize_int8_into", &qlora_kernels::dequantize_int8_into);
+  m.impl("dequantize_int4_into", &qlora_kernels::dequantize_int4_into);
+  m.impl("dequantize_nf4_into", &qlora_kernels::dequantize_nf4_into);
+}

@@ -1,0 +1,189 @@
+"""The optional C++ extension ``qlora_kernels._native``: loading, the "native" backend, reused buffers.
+
+The extension (csrc/, built by ``QK_BUILD_NATIVE=1 pip install -e . --no-build-isolation``, which
+scripts/bootstrap.sh runs) registers ``torch.ops.qlora_kernels.dequantize_{int8,int4,nf4}_into``:
+one-pass CPU dequantization into a caller-provided fp32/bf16/fp16 buffer, bit-identical to the
+PyTorch reference. Without it every caller falls back to the reference; only an explicit
+``backend="native"`` raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ..formats import QuantizedTensor, dynamic_table, nf4_table
+from ..formats.backends import OUTPUT_DTYPES
+
+EXTENSION = "qlora_kernels._native"
+OP_NAMES: tuple[str, ...] = ("dequantize_int8_into", "dequantize_int4_into", "dequantize_nf4_into")
+BUILD_HINT = (
+    "build it with `QK_BUILD_NATIVE=1 pip install -e . --no-build-isolation` (scripts/bootstrap.sh does this; "
+    "needs a C++ compiler)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeStatus:
+    """Whether the extension loaded, which operators it registered, and why not if it failed."""
+
+    available: bool
+    ops: tuple[str, ...] = ()
+    error: str | None = None
+
+
+def _import_extension() -> ModuleType:
+    """Import the compiled module (its import registers the torch operators)."""
+    return importlib.import_module(EXTENSION)
+
+
+def _built_library() -> Path | None:
+    """A compiled ``_native`` library next to the package, if one exists."""
+    package_dir = Path(__file__).resolve().parent.parent
+    return next(iter(sorted(package_dir.glob("_native*.so")) + sorted(package_dir.glob("_native*.pyd"))), None)
+
+
+@functools.cache
+def native_status() -> NativeStatus:
+    """Load the extension once. A missing module means "not built"; a library that exists but
+    fails to load (e.g. built against another torch) is reported with a warning, not hidden."""
+    try:
+        _import_extension()
+    except ImportError as err:
+        library = _built_library()
+        if library is not None and not isinstance(err, ModuleNotFoundError):
+            warnings.warn(
+                f"{library} exists but failed to load ({err}); using the PyTorch reference. Rebuild it: {BUILD_HINT}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return NativeStatus(False, (), f"failed to load {library.name}: {err}")
+        return NativeStatus(False, (), f"extension not built ({err})")
+    present = tuple(name for name in OP_NAMES if hasattr(torch.ops.qlora_kernels, name))
+    missing = sorted(set(OP_NAMES) - set(present))
+    if missing:
+        warnings.warn(
+            f"{EXTENSION} loaded but lacks operators {missing}: it is stale; rebuild it: {BUILD_HINT}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return NativeStatus(False, present, f"stale build: missing operators {missing}")
+    return NativeStatus(True, present, None)
+
+
+def native_available() -> bool:
+    """True when the extension is built and loads with all its operators."""
+    return native_status().available
+
+
+def native_ops() -> tuple[str, ...]:
+    """Names of the ``torch.ops.qlora_kernels`` operators the extension registered (empty when absent)."""
+    return native_status().ops
+
+
+def _require_native() -> None:
+    status = native_status()
+    if not status.available:
+        raise ValueError(
+            f"backend='native' is unavailable: {status.error}. Either {BUILD_HINT}, "
+            "or use backend='auto' (falls back to the PyTorch reference) or backend='torch'"
+        )
+
+
+# ------------------------------------------------------------------------------ dequantize
+def dequantize_into(qt: QuantizedTensor, out: torch.Tensor) -> torch.Tensor:
+    """Decode `qt` into the contiguous CPU tensor `out` (shape qt.shape, fp32/bf16/fp16); returns `out`."""
+    _require_native()
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"dequantize_into: qt must be a QuantizedTensor (qk.quantize(...)), got {type(qt).__name__}")
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(qt.shape):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"dequantize_into: out must be a tensor of the weight's shape {tuple(qt.shape)}, got {got}")
+    if out.dtype not in OUTPUT_DTYPES:
+        raise TypeError(f"dequantize_into: out's dtype must be one of {OUTPUT_DTYPES}, got {out.dtype}")
+    ops = torch.ops.qlora_kernels
+    if qt.format == "int8":
+        ops.dequantize_int8_into(qt.data, qt.scales, out)
+    elif qt.format == "int4":
+        ops.dequantize_int4_into(qt.data, qt.scales, qt.mins, qt.group_size, out)
+    elif qt.format == "nf4":
+        device = qt.data.device
+        nested = dynamic_table(device) if qt.double_quant else None
+        ops.dequantize_nf4_into(
+            qt.data,
+            qt.scales,
+            nf4_table(device),
+            qt.group_size,
+            nested,
+            qt.absmax_scales,
+            qt.absmax_offset,
+            out,
+        )
+    else:
+        raise ValueError(f"dequantize_into: unknown format {qt.format!r}")
+    # The operator writes in place without autograd seeing it: bump the version counter so a
+    # buffer that autograd saved and that is then overwritten raises instead of giving wrong grads.
+    torch.autograd.graph.increment_version(out)
+    return out
+
+
+def dequantize_native(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """``qt.dequantize(dtype, backend="native")``: a new (N, K) tensor of `dtype`."""
+    _require_native()
+    if qt.device.type != "cpu":
+        raise ValueError(
+            f"backend='native' runs on the CPU, but the weight is on {qt.device}: "
+            "use backend='triton' (or 'auto') for CUDA weights, or move it with qt.to('cpu')"
+        )
+    return dequantize_into(qt, torch.empty(qt.shape, dtype=dtype))
+
+
+# --------------------------------------------------------------------------- reused buffer
+class DequantWorkspace:
+    """One dense buffer per dtype, grown to the largest weight seen and reused for every layer.
+
+    ``dequantize(qt, dtype)`` returns a view of the buffer that the next call overwrites: use
+    it at once (e.g. in a matmul) and never let autograd save it; `matmul` does both safely.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def dequantize(self, qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Decode `qt` (on the CPU) into the shared buffer; valid until the next call."""
+        numel = qt.numel()
+        buffer = self._buffers.get(dtype)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[dtype] = torch.empty(numel, dtype=dtype)
+        return dequantize_into(qt, buffer[:numel].view(qt.shape))
+
+    def matmul(self, x: torch.Tensor, qt: QuantizedTensor, *, transpose: bool = True) -> torch.Tensor:
+        """``x @ W^T`` (or ``x @ W`` with transpose=False) for 2-D `x`, W decoded in x's dtype.
+
+        Runs without autograd (for use inside an `autograd.Function`), so the buffer is never saved.
+        """
+        with torch.no_grad():
+            w = self.dequantize(qt, x.dtype)
+            return x @ (w.t() if transpose else w)
+
+    def clear(self) -> None:
+        """Free the buffers."""
+        self._buffers.clear()
+
+
+_local = threading.local()
+
+
+def workspace() -> DequantWorkspace:
+    """This thread's shared `DequantWorkspace` (threads never share a buffer)."""
+    ws = getattr(_local, "workspace", None)
+    if ws is None:
+        ws = _local.workspace = DequantWorkspace()
+    return ws
