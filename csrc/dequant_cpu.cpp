@@ -26,13 +26,21 @@
 #include <cstring>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
-#if defined(__SSSE3__)
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
+#if defined(__SSSE3__)
 #define QK_HAVE_SSSE3 1
 #else
 #define QK_HAVE_SSSE3 0
+#endif
+#if defined(__SSE4_1__)
+#define QK_HAVE_SSE41 1
+#else
+#define QK_HAVE_SSE41 0
 #endif
 
 namespace qlora_kernels {
@@ -107,6 +115,54 @@ inline float from_float<float>(float v) {
   return v;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// fp32 -> fp16 with the F16C instruction (round to nearest even, as Tensor.to(torch.float16)
+// does on x86); chosen at run time, since x86-64-v2 does not include F16C.
+__attribute__((target("f16c"))) void store16_f16c(const float* f, c10::Half* dst) {
+  for (int q = 0; q < 4; ++q) {
+    const __m128i h = _mm_cvtps_ph(_mm_loadu_ps(f + 4 * q), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 4 * q), h);
+  }
+}
+const bool kHaveF16C = __builtin_cpu_supports("f16c");
+#define QK_HAVE_F16C_DISPATCH 1
+#else
+#define QK_HAVE_F16C_DISPATCH 0
+#endif
+
+// Convert 16 fp32 values to T and store them (dst need not be aligned).
+template <typename T>
+inline void store16(const float* f, T* dst) {
+#if QK_HAVE_SSE41
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // c10::BFloat16(float) in SIMD: round to nearest even, NaN -> 0x7FC0 (checked by the tests).
+    auto* d = reinterpret_cast<__m128i*>(dst);
+    for (int h = 0; h < 2; ++h) {
+      __m128i half[2];
+      for (int q = 0; q < 2; ++q) {
+        const __m128 x = _mm_loadu_ps(f + 8 * h + 4 * q);
+        const __m128i u = _mm_castps_si128(x);
+        const __m128i lsb = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
+        const __m128i rounded = _mm_srli_epi32(_mm_add_epi32(u, _mm_add_epi32(lsb, _mm_set1_epi32(0x7FFF))), 16);
+        const __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(x, x));
+        half[q] = _mm_blendv_epi8(rounded, _mm_set1_epi32(0x7FC0), nan);
+      }
+      _mm_storeu_si128(d + h, _mm_packus_epi32(half[0], half[1]));
+    }
+    return;
+  }
+#endif
+#if QK_HAVE_F16C_DISPATCH
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    if (kHaveF16C) {
+      store16_f16c(f, dst);
+      return;
+    }
+  }
+#endif
+  for (int i = 0; i < 16; ++i) dst[i] = from_float<T>(f[i]);
+}
+
 // ---------------------------------------------------------------- 4-bit group decoding
 // A group's 16 decoded values (already in the output type) and, with SSSE3, their byte planes.
 template <typename T>
@@ -167,7 +223,7 @@ struct GroupTable {
 #endif
 
   void set(const float (&f)[16]) {
-    for (int i = 0; i < 16; ++i) values[i] = from_float<T>(f[i]);
+    store16(f, values);
 #if QK_HAVE_SSSE3
     split_planes();
 #endif
@@ -231,7 +287,13 @@ void int8_rows(const int8_t* q, const float* scales, T* out, int64_t n, int64_t 
       const float s = scales[r];
       const int8_t* src = q + r * k;
       T* dst = out + r * k;
-      for (int64_t i = 0; i < k; ++i) dst[i] = from_float<T>(static_cast<float>(src[i]) * s);
+      int64_t i = 0;
+      float f[16];
+      for (; i + 16 <= k; i += 16) {
+        for (int j = 0; j < 16; ++j) f[j] = static_cast<float>(src[i + j]) * s;  // reference: q * s
+        store16(f, dst + i);
+      }
+      for (; i < k; ++i) dst[i] = from_float<T>(static_cast<float>(src[i]) * s);
     }
   });
 }
