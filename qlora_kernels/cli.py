@@ -42,6 +42,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"device: {device}; CPU threads: {torch.get_num_threads()}")
     print(f"backends: torch reference: available; triton: {_triton_status()}")
     print(f"dequantize backends registered: {', '.join(formats.available_dequant_backends())}")
+    from .ops.native import native_status
+
+    native = native_status()
+    ops = ", ".join(native.ops) if native.available else "none"
+    print(f"native ops: {ops} ({native.error or 'CPU extension qlora_kernels._native built'})")
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(256, 512, generator=generator)
     print("\nformat  group  bits/param  rel. RMSE on N(0,1)")
