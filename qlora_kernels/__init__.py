@@ -2,18 +2,40 @@
 
 from . import ops as _ops  # noqa: F401  (registers kernel backends; imports no triton yet)
 from .formats import FORMATS, QuantizedTensor, quantize
-from .nn import LoRALinear, QuantLinear
+from .models import load_model
+from .nn import BottleneckAdapter, LoRALinear, PromptEmbedding, QuantLinear
 from .ops import qlora_linear, qlora_linear_ref
+from .tuning import (
+    TuningConfig,
+    count_parameters,
+    load_adapter,
+    merge,
+    param_groups,
+    prepare_model,
+    print_trainable_parameters,
+    save_adapter,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FORMATS",
+    "BottleneckAdapter",
     "LoRALinear",
+    "PromptEmbedding",
     "QuantLinear",
     "QuantizedTensor",
+    "TuningConfig",
     "__version__",
+    "count_parameters",
+    "load_adapter",
+    "load_model",
+    "merge",
+    "param_groups",
+    "prepare_model",
+    "print_trainable_parameters",
     "qlora_linear",
     "qlora_linear_ref",
     "quantize",
+    "save_adapter",
 ]

@@ -1,0 +1,244 @@
+"""`prepare_model`: turn a causal LM (or any module with nn.Linear children) into a trainable PEFT model.
+
+Defaults, and why:
+* ``compute_dtype``: bf16 for "qlora", "lora", "adapter" and "prompt" (the frozen base is only
+  read, bf16 halves its memory and does not overflow like fp16); the model's own dtype for
+  "partial" and "full", where trained and frozen tensors meet in the same matmuls (pass
+  ``compute_dtype=torch.bfloat16`` there only when training under bf16 autocast).
+  Trainable parameters are always fp32.
+* ``target_modules``: the attention projections for LoRA (the lecture's W_q, W_k, W_v, W_o);
+  every linear except the LM head for quantizing the frozen base of the other methods.
+* Input embeddings are made to require grad whenever they are frozen, so gradient
+  checkpointing (now or enabled later) trains the adapters (peft #137).
+Everything is validated before the model is touched: a bad option leaves it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..formats.quantize import resolve_group_size
+from ..nn import BottleneckAdapter, LoRALinear, QuantLinear
+from .config import (
+    DEFAULT_TARGETS,
+    METHODS,
+    PARTIAL_POLICIES,
+    QUANT_FORMATS,
+    TuningConfig,
+    dtype_name,
+    model_signature,
+    parse_dtype,
+)
+from .partial import partial_trainable
+from .prompt import attach_prompt
+from .targets import (
+    ATTENTION_NAMES,
+    MLP_NAMES,
+    block_children,
+    find_blocks,
+    hidden_size,
+    input_embeddings,
+    linear_modules,
+    output_head,
+    resolve_targets,
+    set_submodule,
+)
+
+QUANTIZED_BASE_DEFAULT_DTYPE = torch.bfloat16
+
+
+def prepare_model(
+    model: nn.Module,
+    method: str = "qlora",
+    *,
+    quant: str | None = None,
+    group_size: int | None = None,
+    double_quant: bool = True,
+    r: int = 16,
+    alpha: float = 32.0,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    init: str = "kaiming",
+    target_modules: str | Iterable[str] | None = None,
+    bottleneck: int = 64,
+    adapter_activation: str = "gelu",
+    num_virtual_tokens: int = 20,
+    prompt_init_text: str | None = None,
+    tokenizer=None,
+    policy: str = "top_k",
+    k: int = 2,
+    compute_dtype: torch.dtype | str | None = None,
+    gradient_checkpointing: bool = False,
+) -> nn.Module:
+    """Apply a fine-tuning method in place and return the model (with ``model.qk_config`` recording it).
+
+    method: "qlora" (quantized base + LoRA; quant defaults to "nf4"), "lora", "adapter" (bottleneck
+    adapters of size `bottleneck` after each attention and MLP block), "prompt" (`num_virtual_tokens`
+    soft tokens from `prompt_init_text` + `tokenizer`, or random vocabulary embeddings), "partial"
+    (`policy` "head" | "top_k" (with `k`) | "no_embeddings"; LR decay via `qk.param_groups`), "full".
+    quant ("nf4" | "int4" | "int8", `group_size`) also quantizes the frozen linears of "adapter",
+    "prompt" and "partial".
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method={method!r}; choose one of {METHODS}")
+    if getattr(model, "qk_config", None) is not None:
+        raise ValueError(
+            f"model is already prepared (method={model.qk_config.method!r}); prepare a freshly loaded model"
+        )
+    if method == "qlora" and quant is None:
+        quant = "nf4"
+    if quant is not None and quant not in QUANT_FORMATS:
+        raise ValueError(f"quant must be one of {QUANT_FORMATS} or None, got {quant!r}")
+    if method == "lora" and quant is not None:
+        raise ValueError(f"method='lora' keeps a dense base; for quant={quant!r} use method='qlora'")
+    if method == "full" and quant is not None:
+        raise ValueError("method='full' trains every weight, so nothing can be quantized; drop quant=")
+    if method == "partial" and policy not in PARTIAL_POLICIES:
+        raise ValueError(f"policy must be one of {PARTIAL_POLICIES}, got {policy!r}")
+    current = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if compute_dtype is None:
+        compute_dtype = current if method in ("partial", "full") else QUANTIZED_BASE_DEFAULT_DTYPE
+    compute_dtype = parse_dtype(compute_dtype)
+
+    # ---- resolve and validate everything before the first change
+    cfg = TuningConfig(
+        method=method,
+        compute_dtype=dtype_name(compute_dtype),
+        quant=quant,
+        group_size=group_size,
+        double_quant=double_quant,
+        gradient_checkpointing=gradient_checkpointing,
+        base_model_name_or_path=_name_or_path(model),
+        model_signature=model_signature(model),
+    )
+    if method in ("qlora", "lora"):
+        targets = resolve_targets(model, DEFAULT_TARGETS if target_modules is None else target_modules)
+        _check_lora_options(model, targets, r, dropout)
+        cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init = r, float(alpha), dropout, use_rslora, init
+        cfg.target_modules = targets
+    quantize_names: list[str] = []
+    if quant is not None:
+        if method == "qlora":
+            quantize_names = cfg.target_modules
+        else:
+            quantize_names = resolve_targets(model, "all-linear" if target_modules is None else target_modules)
+    trainable: list[str] = []
+    if method == "partial":
+        trainable = partial_trainable(model, policy, k)
+        cfg.policy, cfg.k = policy, k if policy == "top_k" else None
+        trained = {id(p) for n, p in model.named_parameters() if n in set(trainable)}
+        head = output_head(model)
+        quantize_names = [
+            n
+            for n in quantize_names
+            if model.get_submodule(n) is not head
+            and not any(id(p) in trained for p in model.get_submodule(n).parameters())
+        ]
+    if method == "full":
+        trainable = [n for n, _ in model.named_parameters()]
+    cfg.trainable = trainable
+    modules = linear_modules(model)
+    for name in quantize_names:
+        if isinstance(modules[name], nn.Linear):
+            try:
+                resolve_group_size(quant, group_size, modules[name].in_features)
+            except ValueError as exc:
+                raise ValueError(f"cannot quantize {name}: {exc}") from None
+    if method == "adapter":
+        cfg.bottleneck, cfg.adapter_activation = bottleneck, adapter_activation
+        cfg.adapter_blocks = _adapter_hosts(model)
+        BottleneckAdapter(hidden_size(model), bottleneck, adapter_activation)  # validates the options
+    if method == "prompt":
+        if input_embeddings(model) is None:
+            raise ValueError(
+                f"method='prompt' needs input embeddings (get_input_embeddings() returning nn.Embedding); "
+                f"{type(model).__name__} has none: use method='lora' or 'adapter'"
+            )
+        cfg.num_virtual_tokens, cfg.prompt_init_text = num_virtual_tokens, prompt_init_text
+        cfg.token_dim = input_embeddings(model).embedding_dim
+
+    # ---- surgery
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in quantize_names:
+        module = modules[name]
+        if isinstance(module, nn.Linear):
+            q = QuantLinear.from_linear(module, quant, group_size, double_quant=double_quant)
+            set_submodule(model, name, q.to(module.weight.device))
+    cfg.quantized_modules = [n for n in quantize_names]
+    if method in ("qlora", "lora"):
+        for name in cfg.target_modules:
+            base = model.get_submodule(name)
+            set_submodule(model, name, LoRALinear(base, r, alpha, dropout, use_rslora, init))
+    elif method == "adapter":
+        size = hidden_size(model)
+        for host in cfg.adapter_blocks:
+            block = model.get_submodule(host)
+            device = next(block.parameters()).device
+            BottleneckAdapter(size, bottleneck, adapter_activation).to(device).attach(block)
+    elif method == "prompt":
+        attach_prompt(model, num_virtual_tokens, prompt_init_text, tokenizer)
+    elif method in ("partial", "full"):
+        params = dict(model.named_parameters())
+        for name in trainable:
+            params[name].requires_grad_(True)
+
+    # ---- dtypes: trainable fp32, frozen in the compute dtype
+    for p in model.parameters():
+        if p.is_floating_point():
+            want = torch.float32 if p.requires_grad else compute_dtype
+            if p.dtype != want:
+                p.data = p.data.to(want)
+    emb = input_embeddings(model)
+    if emb is not None and not emb.weight.requires_grad and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    if gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ValueError(
+                f"gradient_checkpointing=True needs a transformers model; {type(model).__name__} has no "
+                "gradient_checkpointing_enable()"
+            )
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
+    if getattr(model, "config", None) is not None and hasattr(model.config, "dtype"):
+        model.config.dtype = compute_dtype
+    model.qk_config = cfg
+    return model
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
+
+
+def _check_lora_options(model: nn.Module, targets: list[str], r: int, dropout: float) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    for name in targets:
+        m = model.get_submodule(name)
+        if r > min(m.in_features, m.out_features):
+            raise ValueError(
+                f"r={r} is larger than {name}'s dims ({m.out_features}x{m.in_features}); "
+                f"choose r <= {min(m.in_features, m.out_features)} or leave this layer out of target_modules"
+            )
+
+
+def _adapter_hosts(model: nn.Module) -> list[str]:
+    """Full names of the attention and MLP sub-blocks of every transformer block."""
+    prefix, blocks = find_blocks(model)
+    hosts = []
+    for i, block in enumerate(blocks):
+        for names in (ATTENTION_NAMES, MLP_NAMES):
+            child = block_children(block, names)
+            if child is None:
+                raise ValueError(
+                    f"method='adapter': block {prefix}.{i} ({type(block).__name__}) has no child named one of {names}"
+                )
+            hosts.append(f"{prefix}.{i}.{child}")
+    return hosts
