@@ -46,16 +46,17 @@ def native_extensions():
     class OptionalBuildExtension(BuildExtension):
         """A failed native build must not fail the install: warn loudly and fall back to the reference."""
 
-        def build_extension(self, extension) -> None:
+        def build_extensions(self) -> None:
             try:
-                super().build_extension(extension)
-            except Exception as err:  # compiler errors surface as several exception types
+                super().build_extensions()
+            except Exception as err:  # a broken compiler fails torch's checks or the compile, in several ways
                 if os.environ.get("QK_BUILD_NATIVE") == "require":
                     raise
                 print(
-                    f"qlora-kernels: WARNING: native extension {extension.name} failed to build ({err}); "
+                    f"qlora-kernels: WARNING: the native extension failed to build ({type(err).__name__}: {err}); "
                     "the package falls back to the PyTorch reference. Set QK_BUILD_NATIVE=require to make this fatal."
                 )
+                self.extensions = []  # nothing built: nothing for the (editable) install to copy
 
     return [ext], {"build_ext": OptionalBuildExtension.with_options(no_python_abi_suffix=True)}
 

@@ -15,9 +15,7 @@ from qlora_kernels.ops import dequant as dequant_ops
 from qlora_kernels.ops import native
 from qlora_kernels.ops.qlora_linear import qlora_linear
 
-needs_native = pytest.mark.skipif(
-    not native.native_available(), reason=f"extension not built: {native.native_status().error}"
-)
+needs_native = pytest.mark.skipif(not native.native_available(), reason=native.native_status().error or "")
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (format, group_size, quantize options)
