@@ -33,7 +33,7 @@ class SoftPromptHook:
         input_ids = kwargs.pop("input_ids", None)
         embeds = kwargs.pop("inputs_embeds", None)
         mask = kwargs.get("attention_mask")
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # "cache" from transformers 5.2x
         past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
         n = self.prompt.num_virtual_tokens
         ref = input_ids if input_ids is not None else embeds
@@ -66,7 +66,7 @@ class SoftPromptHook:
         else:
             positions = torch.arange(past_len, past_len + new_len, device=device).unsqueeze(0).expand(batch, -1)
         kwargs["position_ids"] = positions
-        if past is not None or kwargs.get("cache_position") is not None:
+        if kwargs.get("cache_position") is not None:  # transformers < 5.2x passes it
             kwargs["cache_position"] = torch.arange(past_len, past_len + new_len, device=device)
         return (), kwargs
 
