@@ -34,3 +34,18 @@ def _seed() -> None:
 def device() -> torch.device:
     """CUDA when present, else the CPU (Triton kernels then run in the interpreter)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct in fp32, loaded once per session (skips if not installed).
+
+    Shared: never modify it; take ``copy.deepcopy(model)`` (135M params, cheap) for each test.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import qlora_kernels as qk
+
+    try:
+        return qk.load_model("smollm2-135m-instruct", dtype=torch.float32)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
