@@ -48,6 +48,10 @@ MODE_GRAD_INPUT = 1
 
 #: LoRA rank is padded to a power of two >= this (the minimum tl.dot dimension).
 MIN_R_PAD = 16
+#: NF4 decodes through a 16-entry table gather (one load per element): at 32 decoded elements
+#: per thread the fused kernel spills (255 registers, 96-128 B stack on sm_80/sm_90, by
+#: benchmarks/kernel_report.py), at 16 it does not; configs above this are pruned for NF4.
+NF4_MAX_ELEMS_PER_THREAD = 16
 #: Shared memory budget used to prune configs: 99 KiB fits every sm_80+ card (sm_86/89 cap;
 #: A100 has 163 KiB, H100 227 KiB), so a config never fails to launch for lack of it.
 SMEM_BUDGET_BYTES = 99 * 1024
@@ -112,6 +116,11 @@ def _qlora_matmul_kernel(
     """
     pid_out = tl.program_id(0)
     pid_m = tl.program_id(1)
+    if FORMAT != 0:
+        # GROUP divides K for the 4-bit formats: writing K as a multiple of the constexpr GROUP
+        # tells the compiler that the K-mask of a packed row is constant over >= 16 bytes, so
+        # the weight loads can be 128-bit (with K alone it only knows K % 16 == 0: 8-byte runs).
+        K = (K // GROUP) * GROUP
     if MODE == 0:
         OUT_SIZE = N
         RED_SIZE = K
@@ -126,9 +135,10 @@ def _qlora_matmul_kernel(
     act_rows = act_ptr + offs_m.to(tl.int64)[:, None] * stride_act_m
 
     acc = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_OUT, BLOCK_M), dtype=tl.float32)  # forward accumulates out^T (swap AB)
     side = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for red0 in range(0, RED_SIZE, BLOCK_RED):
-        red0 = tl.multiple_of(red0, BLOCK_RED)
+    for step in range(0, tl.cdiv(RED_SIZE, BLOCK_RED)):
+        red0 = tl.multiple_of(step * BLOCK_RED, BLOCK_RED)
         offs_red = red0 + tl.arange(0, BLOCK_RED)
         mask_red = offs_red < RED_SIZE
         act = tl.load(
@@ -136,13 +146,14 @@ def _qlora_matmul_kernel(
             mask=mask_m[:, None] & mask_red[None, :],
             other=0.0,
         )
-        if MODE == 0:  # W tile (BLOCK_OUT rows of N, BLOCK_RED columns of K), used transposed
+        if MODE == 0:  # W tile (BLOCK_OUT rows of N, BLOCK_RED columns of K) as the A operand:
+            # out^T = W @ x^T puts the wide N tile on the MMA's M side (wgmma on sm_90 even at M=1)
             w = load_weight_tile(
                 data_ptr, scales_ptr, mins_ptr, absmax_scales_ptr, absmax_offset_ptr, level_table_ptr,
                 nested_table_ptr, offs_out, red0, N, K, stride_data_n, stride_scales_n,
                 FORMAT, GROUP, SYMMETRIC, DOUBLE_QUANT, BLOCK_OUT, BLOCK_RED,
             )  # fmt: skip
-            w_op = tl.trans(w.to(act.dtype))
+            acc_t = tl.dot(w.to(act.dtype), tl.trans(act), acc_t, input_precision="ieee")
         else:  # W tile (BLOCK_RED rows of N, BLOCK_OUT columns of K)
             k0 = tl.multiple_of(pid_out * BLOCK_OUT, BLOCK_OUT)
             w = load_weight_tile(
@@ -150,15 +161,14 @@ def _qlora_matmul_kernel(
                 nested_table_ptr, offs_red, k0, N, K, stride_data_n, stride_scales_n,
                 FORMAT, GROUP, SYMMETRIC, DOUBLE_QUANT, BLOCK_RED, BLOCK_OUT,
             )  # fmt: skip
-            w_op = w.to(act.dtype)
-        # Tensor-core operands in the activation's dtype (bf16/fp16); an fp32 activation keeps
-        # fp32 operands with IEEE precision (no silent TF32). Accumulation is always fp32.
-        acc = tl.dot(act, w_op, acc, input_precision="ieee")
+            acc = tl.dot(act, w.to(act.dtype), acc, input_precision="ieee")
         if HAS_LORA:
             down_offs = offs_red.to(tl.int64)[:, None] * stride_down_red + offs_r[None, :] * stride_down_r
             down = tl.load(down_ptr + down_offs, mask=mask_red[:, None] & (offs_r < R)[None, :], other=0.0)
             side = tl.dot(act, down.to(tl.float32).to(act.dtype), side, input_precision="ieee")
 
+    if MODE == 0:
+        acc = tl.trans(acc_t)
     if HAS_LORA:
         # Rank-first up-projection in fp32 (R_PAD x BLOCK_OUT per tile: negligible work).
         up_offs = offs_r[:, None] * stride_up_r + offs_out.to(tl.int64)[None, :] * stride_up_out
@@ -192,17 +202,24 @@ INTERPRETER_CONFIG = _config(16, 32, 32, 4, 1)
 def gpu_configs(mode: int) -> list[triton.Config]:
     """Candidate GPU configs for `mode`, before pruning (also what kernel_report compiles).
 
-    Forward (small M, bandwidth bound): narrow M tiles, wide K steps (BLOCK_RED 64/128 = 32/64
-    packed bytes per weight row, enough for 128-bit loads), several stages to keep loads in
-    flight. Backward: the weight tile's K extent is BLOCK_OUT, so it is the one bounded by
-    the group size.
+    Forward (small M, bandwidth bound; W is the MMA's A operand, "swap AB"): one stage. With
+    num_stages > 1 Triton pipelines the packed tile through shared memory with cp.async, and
+    the swizzle it picks for the nibble-unpacking consumer narrows those copies to 4-8 bytes;
+    single-stage configs load it with LDG.E.128 instead (benchmarks/kernel_report.py, sm_80
+    and sm_90, triton 3.9). Latency is then hidden by several CTAs per SM (<= 168 registers).
+    Backward (dY @ W, W as the B operand): its pipelined copies are 128-bit, so it keeps stages.
+    The weight tile's K extent (BLOCK_RED forward, BLOCK_OUT backward) is bounded by the group.
+    Not yet timed on a GPU (none lent): the autotuner picks among them per bucketed M.
     """
     if mode == MODE_FORWARD:
         return [
-            _config(16, 64, 128, 4, 4),
-            _config(16, 128, 64, 4, 4),
-            _config(32, 64, 128, 4, 3),
-            _config(64, 128, 64, 8, 3),
+            _config(16, 32, 128, 4, 1),
+            _config(16, 64, 128, 4, 1),
+            _config(16, 64, 64, 4, 1),
+            _config(16, 64, 64, 8, 1),
+            _config(16, 128, 64, 4, 1),
+            _config(16, 128, 64, 8, 1),
+            _config(64, 64, 64, 4, 1),
         ]
     return [
         _config(16, 64, 64, 4, 4),
@@ -223,16 +240,21 @@ def smem_estimate(block_m: int, block_out: int, block_red: int, stages: int, r_p
     return stages * per_stage + block_out * block_red * elem_bytes + r_pad * block_out * 4
 
 
-def config_is_valid(cfg: triton.Config, mode: int, group: int, fmt_id: int, m_bucket: int, r_pad: int) -> bool:
+def config_is_valid(
+    cfg: triton.Config, mode: int, group: int, fmt_id: int, m_bucket: int, r_pad: int, elem_bytes: int = 2
+) -> bool:
     """Invariants: the weight tile's K extent divides the group (4-bit formats); M tile not
-    far wider than the bucket; shared memory within SMEM_BUDGET_BYTES (bf16 worst case fp32)."""
+    wider than the bucket (16 = tl.dot's minimum); NF4 register budget; shared memory within
+    SMEM_BUDGET_BYTES."""
     kw = cfg.kwargs
     weight_k = kw["BLOCK_RED"] if mode == MODE_FORWARD else kw["BLOCK_OUT"]
     if fmt_id != 0 and (weight_k > group or group % weight_k):
         return False
     if kw["BLOCK_M"] > max(16, m_bucket):
         return False
-    smem = smem_estimate(kw["BLOCK_M"], kw["BLOCK_OUT"], kw["BLOCK_RED"], cfg.num_stages, r_pad, 4)
+    if fmt_id == 2 and kw["BLOCK_OUT"] * kw["BLOCK_RED"] > NF4_MAX_ELEMS_PER_THREAD * 32 * cfg.num_warps:
+        return False
+    smem = smem_estimate(kw["BLOCK_M"], kw["BLOCK_OUT"], kw["BLOCK_RED"], cfg.num_stages, r_pad, elem_bytes)
     return smem <= SMEM_BUDGET_BYTES
 
 
@@ -242,7 +264,15 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     keep = [
         c
         for c in configs
-        if config_is_valid(c, args["MODE"], args["GROUP"], args["FORMAT"], args["M_BUCKET"], args["R_PAD"])
+        if config_is_valid(
+            c,
+            args["MODE"],
+            args["GROUP"],
+            args["FORMAT"],
+            args["M_BUCKET"],
+            args["R_PAD"],
+            args["act_ptr"].element_size(),
+        )
     ]
     if not keep:
         raise ValueError(f"no kernel config satisfies the invariants for group size {args['GROUP']}")
