@@ -157,6 +157,10 @@ def prepare_model(
                 f"method='prompt' needs input embeddings (get_input_embeddings() returning nn.Embedding); "
                 f"{type(model).__name__} has none: use method='lora' or 'adapter'"
             )
+        if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}")
+        if prompt_init_text is not None and tokenizer is None:
+            raise ValueError("prompt_init_text needs tokenizer=...; pass the model's tokenizer to prepare_model")
         cfg.num_virtual_tokens, cfg.prompt_init_text = num_virtual_tokens, prompt_init_text
         cfg.token_dim = input_embeddings(model).embedding_dim
 
@@ -177,7 +181,7 @@ def prepare_model(
         size = hidden_size(model)
         for host in cfg.adapter_blocks:
             block = model.get_submodule(host)
-            device = next(block.parameters()).device
+            device = next(t for t in (*block.parameters(), *block.buffers()) if t is not None).device
             BottleneckAdapter(size, bottleneck, adapter_activation).to(device).attach(block)
     elif method == "prompt":
         attach_prompt(model, num_virtual_tokens, prompt_init_text, tokenizer)
@@ -196,12 +200,15 @@ def prepare_model(
     if emb is not None and not emb.weight.requires_grad and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
             raise ValueError(
                 f"gradient_checkpointing=True needs a transformers model; {type(model).__name__} has no "
                 "gradient_checkpointing_enable()"
             )
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False
     if getattr(model, "config", None) is not None and hasattr(model.config, "dtype"):
