@@ -125,9 +125,26 @@ __attribute__((target("f16c"))) void store16_f16c(const float* f, c10::Half* dst
   }
 }
 const bool kHaveF16C = __builtin_cpu_supports("f16c");
-#define QK_HAVE_F16C_DISPATCH 1
+#define QK_HAVE_X86_DISPATCH 1
 #else
-#define QK_HAVE_F16C_DISPATCH 0
+#define QK_HAVE_X86_DISPATCH 0
+#endif
+
+#if QK_HAVE_SSE41
+// c10::BFloat16(float) on 4 lanes: round to nearest even, NaN -> 0x7FC0; the bf16 bits end up in
+// the low half of each 32-bit lane (checked against the reference by the tests).
+inline __m128i bf16_bits(__m128 x) {
+  const __m128i u = _mm_castps_si128(x);
+  const __m128i lsb = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
+  const __m128i rounded = _mm_srli_epi32(_mm_add_epi32(u, _mm_add_epi32(lsb, _mm_set1_epi32(0x7FFF))), 16);
+  const __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(x, x));
+  return _mm_blendv_epi8(rounded, _mm_set1_epi32(0x7FC0), nan);
+}
+
+// Store 8 bf16 values made from two vectors of 4 floats.
+inline void store8_bf16(__m128 a, __m128 b, c10::BFloat16* dst) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_packus_epi32(bf16_bits(a), bf16_bits(b)));
+}
 #endif
 
 // Convert 16 fp32 values to T and store them (dst need not be aligned).
@@ -135,24 +152,12 @@ template <typename T>
 inline void store16(const float* f, T* dst) {
 #if QK_HAVE_SSE41
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    // c10::BFloat16(float) in SIMD: round to nearest even, NaN -> 0x7FC0 (checked by the tests).
-    auto* d = reinterpret_cast<__m128i*>(dst);
-    for (int h = 0; h < 2; ++h) {
-      __m128i half[2];
-      for (int q = 0; q < 2; ++q) {
-        const __m128 x = _mm_loadu_ps(f + 8 * h + 4 * q);
-        const __m128i u = _mm_castps_si128(x);
-        const __m128i lsb = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
-        const __m128i rounded = _mm_srli_epi32(_mm_add_epi32(u, _mm_add_epi32(lsb, _mm_set1_epi32(0x7FFF))), 16);
-        const __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(x, x));
-        half[q] = _mm_blendv_epi8(rounded, _mm_set1_epi32(0x7FC0), nan);
-      }
-      _mm_storeu_si128(d + h, _mm_packus_epi32(half[0], half[1]));
-    }
+    store8_bf16(_mm_loadu_ps(f), _mm_loadu_ps(f + 4), dst);
+    store8_bf16(_mm_loadu_ps(f + 8), _mm_loadu_ps(f + 12), dst + 8);
     return;
   }
 #endif
-#if QK_HAVE_F16C_DISPATCH
+#if QK_HAVE_X86_DISPATCH
   if constexpr (std::is_same_v<T, c10::Half>) {
     if (kHaveF16C) {
       store16_f16c(f, dst);
@@ -162,6 +167,35 @@ inline void store16(const float* f, T* dst) {
 #endif
   for (int i = 0; i < 16; ++i) dst[i] = from_float<T>(f[i]);
 }
+
+#if QK_HAVE_X86_DISPATCH
+// int8 row -> bf16 with 256-bit vectors (run-time dispatch: x86-64-v2 has no AVX2). Same fp32
+// product q * s and the same rounding as bf16_bits.
+__attribute__((target("avx2"))) inline __m256i bf16_bits_avx2(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+}
+
+// Returns how many elements it wrote (a multiple of 16).
+__attribute__((target("avx2"))) int64_t int8_row_bf16_avx2(const int8_t* src, float s, c10::BFloat16* dst,
+                                                            int64_t k) {
+  const __m256 sv = _mm256_set1_ps(s);
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    const __m256 a = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), sv);
+    const __m256 b = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))), sv);
+    // packus works per 128-bit lane: [a0-3 b0-3 | a4-7 b4-7] -> reorder the 64-bit quarters.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits_avx2(a), bf16_bits_avx2(b)), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), packed);
+  }
+  return i;
+}
+const bool kHaveAVX2 = __builtin_cpu_supports("avx2");
+#endif
 
 // ---------------------------------------------------------------- 4-bit group decoding
 // A group's 16 decoded values (already in the output type) and, with SSSE3, their byte planes.
@@ -288,6 +322,20 @@ void int8_rows(const int8_t* q, const float* scales, T* out, int64_t n, int64_t 
       const int8_t* src = q + r * k;
       T* dst = out + r * k;
       int64_t i = 0;
+#if QK_HAVE_SSE41
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+#if QK_HAVE_X86_DISPATCH
+        if (kHaveAVX2) i = int8_row_bf16_avx2(src, s, dst, k);
+#endif
+        const __m128 sv = _mm_set1_ps(s);
+        for (; i + 8 <= k; i += 8) {  // q * s in fp32, as the reference, 8 at a time
+          const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
+          const __m128 a = _mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(q8)), sv);
+          const __m128 b = _mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_srli_si128(q8, 4))), sv);
+          store8_bf16(a, b, dst + i);
+        }
+      }
+#endif
       float f[16];
       for (; i + 16 <= k; i += 16) {
         for (int j = 0; j < 16; ++j) f[j] = static_cast<float>(src[i + j]) * s;  // reference: q * s
