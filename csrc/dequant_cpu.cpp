@@ -2,8 +2,10 @@
 //
 // Layouts are those of qlora_kernels/formats/tensor.py. Each output element is computed with
 // exactly the fp32 operations of the PyTorch reference (qlora_kernels/formats/reference.py), in
-// the same order, then rounded to the output dtype with c10's round-to-nearest-even conversions,
-// so the result is bit-identical to the reference.
+// the same order, then rounded to the output dtype with round-to-nearest-even as torch does (c10's
+// conversions, or SIMD equivalents: SSE4.1/AVX2 integer rounding for bf16, F16C for fp16), so the
+// result is bit-identical to the reference (tests/test_native.py checks every format and dtype).
+// The baseline is x86-64-v2 (SSE4.2); AVX2 and F16C paths are chosen at run time.
 //
 // 4-bit formats: every value of a group is one of 16, so for each group we compute the 16
 // decoded values once (in fp32, then converted), split them into byte planes and decode 16
@@ -23,7 +25,6 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <cstring>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -124,7 +125,11 @@ __attribute__((target("f16c"))) void store16_f16c(const float* f, c10::Half* dst
     _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 4 * q), h);
   }
 }
-const bool kHaveF16C = __builtin_cpu_supports("f16c");
+bool detect_f16c() {
+  __builtin_cpu_init();  // may run before libgcc's own initialiser, so initialise explicitly
+  return __builtin_cpu_supports("f16c");
+}
+const bool kHaveF16C = detect_f16c();
 #define QK_HAVE_X86_DISPATCH 1
 #else
 #define QK_HAVE_X86_DISPATCH 0
@@ -194,7 +199,11 @@ __attribute__((target("avx2"))) int64_t int8_row_bf16_avx2(const int8_t* src, fl
   }
   return i;
 }
-const bool kHaveAVX2 = __builtin_cpu_supports("avx2");
+bool detect_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2");
+}
+const bool kHaveAVX2 = detect_avx2();
 #endif
 
 // ---------------------------------------------------------------- 4-bit group decoding
