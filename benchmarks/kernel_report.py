@@ -38,8 +38,9 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 #: Representative launch: Llama-8B q_proj (4096 x 4096), LoRA r=16, decode-sized M.
 SHAPE = {"M": 16, "N": 4096, "K": 4096, "R": 16}
-#: (format, group) compiled for every kernel; group 128 admits the widest K tiles.
-FORMATS = [("int4", 128), ("nf4", 64), ("int8", 1)]
+#: (format, group) compiled for every kernel: int4 at group 128 (the widest K tiles) and 32
+#: (the narrowest), NF4 at its usual 64, int8 (one config: it shares int4's).
+FORMATS = [("int4", 128), ("int4", 32), ("nf4", 64), ("int8", 1)]
 FORMAT_ID = {"int8": 0, "int4": 1, "nf4": 2}
 DATA_TYPE = {"int8": "*i8", "int4": "*u8", "nf4": "*u8"}
 
@@ -194,9 +195,8 @@ def compile_kernel(fn, values: dict, constexprs: dict, arch: int, warps: int, st
     return cubin, sass, compiled.asm["ptx"], int(getattr(compiled.metadata, "shared", 0))
 
 
-def matmul_values(mode: int, fmt: str, elem: str) -> dict:
+def matmul_values(mode: int, fmt: str, group: int, elem: str) -> dict:
     m, n, k, r = SHAPE["M"], SHAPE["N"], SHAPE["K"], SHAPE["R"]
-    group = dict(FORMATS)[fmt]
     data_stride = k if fmt == "int8" else k // 2
     scales_stride = k // group if fmt == "int4" else 0
     forward = mode == qlora_matmul.MODE_FORWARD
@@ -233,9 +233,12 @@ def matmul_values(mode: int, fmt: str, elem: str) -> dict:
     }
 
 
-def weight_constexprs(fmt: str) -> dict:
-    group = dict(FORMATS)[fmt]
+def weight_constexprs(fmt: str, group: int) -> dict:
     return {"FORMAT": FORMAT_ID[fmt], "GROUP": group, "SYMMETRIC": False, "DOUBLE_QUANT": fmt == "nf4"}
+
+
+def format_label(fmt: str, group: int) -> str:
+    return fmt if fmt == "int8" else f"{fmt}/g{group}"
 
 
 def jobs(quick: bool):
@@ -254,7 +257,7 @@ def jobs(quick: bool):
             for cfg in configs:
                 consts = {
                     "MODE": mode,
-                    **weight_constexprs(fmt),
+                    **weight_constexprs(fmt, group),
                     "HAS_LORA": True,
                     "HAS_BIAS": mode == qlora_matmul.MODE_FORWARD,
                     "STORE_SIDE": mode == qlora_matmul.MODE_FORWARD,
@@ -263,8 +266,17 @@ def jobs(quick: bool):
                 }
                 label = "M{BLOCK_M}-O{BLOCK_OUT}-R{BLOCK_RED}".format(**cfg.kwargs)
                 label += f"-w{cfg.num_warps}-s{cfg.num_stages}"
-                values = matmul_values(mode, fmt, elem)
-                yield name, qlora_matmul._qlora_matmul_kernel, fmt, label, values, consts, cfg.num_warps, cfg.num_stages
+                values = matmul_values(mode, fmt, group, elem)
+                yield (
+                    name,
+                    qlora_matmul._qlora_matmul_kernel,
+                    format_label(fmt, group),
+                    label,
+                    values,
+                    consts,
+                    cfg.num_warps,
+                    cfg.num_stages,
+                )
     for fmt, group in FORMATS if not quick else FORMATS[:1]:
         n, k = SHAPE["N"], SHAPE["K"]
         block_k = dequant.DEQUANT_MAX_BLOCK_K if fmt == "int8" else min(dequant.DEQUANT_MAX_BLOCK_K, group)
@@ -283,9 +295,9 @@ def jobs(quick: bool):
             "stride_scales_n": k // group if fmt == "int4" else 0,
             "stride_out_n": k,
         }
-        consts = {**weight_constexprs(fmt), "BLOCK_N": dequant.DEQUANT_BLOCK_N, "BLOCK_K": block_k}
+        consts = {**weight_constexprs(fmt, group), "BLOCK_N": dequant.DEQUANT_BLOCK_N, "BLOCK_K": block_k}
         label = f"N{dequant.DEQUANT_BLOCK_N}-K{block_k}-w4-s3"
-        yield "dequant", dequant._dequant_kernel, fmt, label, values, consts, 4, 3
+        yield "dequant", dequant._dequant_kernel, format_label(fmt, group), label, values, consts, 4, 3
 
 
 def run(archs: list[int], quick: bool) -> list[Row]:
@@ -306,14 +318,16 @@ def run(archs: list[int], quick: bool) -> list[Row]:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = f"{'kernel':<17}{'fmt':<6}{'sm':<4}{'config':<22}{'regs':>5}{'smem':>8}{'spill':>6}  {'mma':<14}weight loads"
+    head = (
+        f"{'kernel':<17}{'fmt':<10}{'sm':<4}{'config':<22}{'regs':>5}{'smem':>8}{'spill':>6}  {'mma':<14}weight loads"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         mma = ",".join(f"{k}:{v}" for k, v in r.tensor_core_ops.items() if v) or "-"
         loads = ",".join(f"{k}x{v}" for k, v in sorted(r.weight_load_widths.items())) or "?"
         print(
-            f"{r.kernel:<17}{r.format:<6}{r.arch:<4}{r.config:<22}{r.registers:>5}{r.shared_bytes:>8}"
+            f"{r.kernel:<17}{r.format:<10}{r.arch:<4}{r.config:<22}{r.registers:>5}{r.shared_bytes:>8}"
             f"{r.spill_bytes:>6}  {mma:<14}{loads}"
         )
 

@@ -48,10 +48,14 @@ MODE_GRAD_INPUT = 1
 
 #: LoRA rank is padded to a power of two >= this (the minimum tl.dot dimension).
 MIN_R_PAD = 16
-#: NF4 decodes through a 16-entry table gather (one load per element): at 32 decoded elements
-#: per thread the fused kernel spills (255 registers, 96-128 B stack on sm_80/sm_90, by
-#: benchmarks/kernel_report.py), at 16 it does not; configs above this are pruned for NF4.
-NF4_MAX_ELEMS_PER_THREAD = 16
+#: NF4 decodes through a 16-entry table gather (one load per element), which costs registers:
+#: the fused forward spills at 32 decoded elements per thread (255 registers, 96-128 B stack),
+#: the backward at 64 (336 B on sm_80), not at 16 / 32 (benchmarks/kernel_report.py, sm_80
+#: and sm_90, triton 3.9). Configs above these are pruned for NF4.
+NF4_MAX_ELEMS_PER_THREAD = {MODE_FORWARD: 16, MODE_GRAD_INPUT: 32}
+#: The forward's packed tile must give each thread >= 16 bytes, or its loads cannot be
+#: 128-bit (int4/int8; NF4's register limit above wins over this).
+MIN_PACKED_BYTES_PER_THREAD = 16
 #: Shared memory budget used to prune configs: 99 KiB fits every sm_80+ card (sm_86/89 cap;
 #: A100 has 163 KiB, H100 227 KiB), so a config never fails to launch for lack of it.
 SMEM_BUDGET_BYTES = 99 * 1024
@@ -220,8 +224,11 @@ def gpu_configs(mode: int) -> list[triton.Config]:
             _config(16, 128, 64, 4, 1),
             _config(16, 128, 64, 8, 1),
             _config(64, 64, 64, 4, 1),
+            _config(16, 128, 32, 4, 1),  # group size 32
+            _config(16, 128, 32, 8, 1),  # group size 32, NF4
         ]
     return [
+        _config(16, 32, 64, 4, 4),  # group size 32
         _config(16, 64, 64, 4, 4),
         _config(16, 128, 64, 4, 3),
         _config(32, 64, 128, 4, 3),
@@ -244,15 +251,19 @@ def config_is_valid(
     cfg: triton.Config, mode: int, group: int, fmt_id: int, m_bucket: int, r_pad: int, elem_bytes: int = 2
 ) -> bool:
     """Invariants: the weight tile's K extent divides the group (4-bit formats); M tile not
-    wider than the bucket (16 = tl.dot's minimum); NF4 register budget; shared memory within
-    SMEM_BUDGET_BYTES."""
+    wider than the bucket (16 = tl.dot's minimum); in the forward, NF4's register budget and
+    16 packed bytes per thread for the others; shared memory within SMEM_BUDGET_BYTES."""
     kw = cfg.kwargs
     weight_k = kw["BLOCK_RED"] if mode == MODE_FORWARD else kw["BLOCK_OUT"]
     if fmt_id != 0 and (weight_k > group or group % weight_k):
         return False
     if kw["BLOCK_M"] > max(16, m_bucket):
         return False
-    if fmt_id == 2 and kw["BLOCK_OUT"] * kw["BLOCK_RED"] > NF4_MAX_ELEMS_PER_THREAD * 32 * cfg.num_warps:
+    elems_per_thread = kw["BLOCK_OUT"] * kw["BLOCK_RED"] // (32 * cfg.num_warps)
+    if fmt_id == 2 and elems_per_thread > NF4_MAX_ELEMS_PER_THREAD[mode]:
+        return False
+    packed_bytes = elems_per_thread if fmt_id == 0 else elems_per_thread // 2
+    if mode == MODE_FORWARD and fmt_id != 2 and packed_bytes < MIN_PACKED_BYTES_PER_THREAD:
         return False
     smem = smem_estimate(kw["BLOCK_M"], kw["BLOCK_OUT"], kw["BLOCK_RED"], cfg.num_stages, r_pad, elem_bytes)
     return smem <= SMEM_BUDGET_BYTES
