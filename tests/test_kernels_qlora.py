@@ -230,6 +230,22 @@ def test_errors_name_the_problem(device):
         qm.qlora_forward_fused(_randn(2, 64, device=device, dtype=torch.float64), qt, a, b, 1.0)
 
 
+def test_gpu_check_script_cpu_parts(device):
+    """benchmarks/gpu_check.py imports, and its correctness check and table run (small, here)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    errors = gpu_check.check_correctness("int4", 45, 256, 3, device=str(device))
+    assert errors["ok"], errors
+    row = {"format": "int4", "N": 1, "K": 2, "M": 3, "ours_fwd_ms": 1.0, "base_fwd_ms": 2.0, "speedup_fwd": 2.0}
+    row.update({"ours_fwdbwd_ms": 1.0, "base_fwdbwd_ms": 1.0, "speedup_fwdbwd": 1.0})
+    assert "| int4 | 1x2 | 3 |" in gpu_check.markdown_table([row])
+
+
 # -------------------------------------------------------------------------------- GPU (bf16)
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt,kw,k", [("int8", {}, 4096), ("int4", {"group_size": 128}, 4096), ("nf4", {}, 4096)])
