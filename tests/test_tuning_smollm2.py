@@ -31,8 +31,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # Relative logit error vs the dense fp32 model, LoRA on the default targets (q/k/v/o of all 30 blocks),
-# B = 0 so only quantization differs. Measured here: see the printed values; bounds leave ~1.5x headroom.
-QUANT_BOUNDS = {"nf4": 0.25, "int4": 0.25, "int8": 0.03}
+# B = 0 so only quantization differs. Measured on this CPU: nf4 0.121, int4 (g64 affine) 0.192, int8 0.027
+# (quantization is deterministic; the bounds leave headroom for other BLAS summation orders only).
+QUANT_BOUNDS = {"nf4": 0.16, "int4": 0.25, "int8": 0.04}
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int4", "int8"])
@@ -46,7 +47,8 @@ def test_qlora_logits_close_to_dense(smollm2, quant):
     err = rel_err(got, want)
     same_top1 = (got[0].argmax(-1) == want[0].argmax(-1)).float().mean().item()
     print(
-        f"\nSmolLM2 qlora {quant} (q,k,v,o quantized): logits rel. error vs dense {err:.4f}, top-1 agree {same_top1:.2f}"
+        f"\nSmolLM2 qlora {quant} (q,k,v,o quantized): logits rel. error vs dense {err:.4f}, "
+        f"top-1 agree {same_top1:.2f}"
     )
     assert err < QUANT_BOUNDS[quant]
     assert same_top1 >= 0.8
