@@ -38,7 +38,7 @@ FORMATS: tuple[tuple[str, str, int | None, dict], ...] = (
 RESULTS_DIR = Path(__file__).parent / "results" / "cpu"
 
 
-def fastest_seconds(fns: dict[str, Callable[[], object]], rounds: int = 7, min_time: float = 0.05) -> dict[str, float]:
+def fastest_seconds(fns: dict[str, Callable[[], object]], rounds: int = 12, min_time: float = 0.05) -> dict[str, float]:
     """Fastest time of each function over interleaved rounds, after a warm-up.
 
     Interleaving gives every candidate the same share of a busy machine, and the minimum is the
@@ -71,60 +71,80 @@ def _bnb_case(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[], object] 
     return lambda: bnbf.dequantize_4bit(packed, state)
 
 
-def run(quick: bool = False, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32)) -> dict:
-    """Time every (shape, format, dtype); returns a JSON-ready dict."""
+def run(
+    quick: bool = False,
+    dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32),
+    threads: tuple[int, ...] = (),
+) -> dict:
+    """Time every (threads, shape, format, dtype); returns a JSON-ready dict.
+
+    threads: torch thread counts to measure (default: torch's choice). On a shared machine one
+    thread is the robust per-core figure: a busy neighbour stalls every parallel region.
+    """
     if not native.native_available():
         raise SystemExit(f"native extension unavailable ({native.native_status().error}); {native.BUILD_HINT}")
     shapes = SHAPES[2:] if quick else SHAPES
     load_before = os.getloadavg()[0]
+    default_threads = torch.get_num_threads()
     rows = []
-    for shape_name, n, k in shapes:
-        weight = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
-        for label, fmt, group, opts in FORMATS:
-            qt = qk.quantize(weight, fmt, group_size=group, **opts)
-            for dtype in dtypes:
-                out = torch.empty(n, k, dtype=dtype)
-                out_bytes = n * k * out.element_size()
-                fns = {
-                    "native": lambda qt=qt, out=out: native.dequantize_into(qt, out),
-                    "reference": lambda qt=qt, dtype=dtype: qt.dequantize(dtype, backend="torch"),
-                }
-                bnb = _bnb_case(weight, dtype) if fmt == "nf4" else None
-                if bnb is not None:
-                    fns["bnb"] = bnb
-                times = fastest_seconds(fns)
-                t_native, t_ref, t_bnb = times["native"], times["reference"], times.get("bnb")
-                row = {
-                    "shape": shape_name,
-                    "N": n,
-                    "K": k,
-                    "format": label,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "native_ms": 1e3 * t_native,
-                    "reference_ms": 1e3 * t_ref,
-                    "bnb_ms": None if t_bnb is None else 1e3 * t_bnb,
-                    "native_GBps": out_bytes / t_native / 1e9,
-                    "reference_GBps": out_bytes / t_ref / 1e9,
-                    "bnb_GBps": None if t_bnb is None else out_bytes / t_bnb / 1e9,
-                    "native_vs_reference": t_ref / t_native,
-                    "native_vs_bnb": None if t_bnb is None else t_bnb / t_native,
-                }
-                rows.append(row)
-                print(_md_row(row), flush=True)
+    for n_threads in threads or (default_threads,):
+        torch.set_num_threads(n_threads)
+        rows += [_measure(n_threads, *shape, dtypes) for shape in shapes]
+    torch.set_num_threads(default_threads)
+    threads_arg = f" --threads {','.join(map(str, threads))}" if threads else ""
     return {
         "benchmark": "CPU dequantization, GB/s of output written",
         "machine": {
             "cpu": _cpu_name(),
-            "threads": torch.get_num_threads(),
+            "cores": os.cpu_count(),
             "python": platform.python_version(),
             "torch": torch.__version__,
             "bitsandbytes": _version("bitsandbytes"),
             # The machine may be shared: the 1-minute load average before and after the run.
             "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         },
-        "command": "python benchmarks/bench_dequant_cpu.py" + (" --quick" if quick else ""),
-        "rows": rows,
+        "command": "python benchmarks/bench_dequant_cpu.py" + (" --quick" if quick else "") + threads_arg,
+        "rows": [row for group in rows for row in group],
     }
+
+
+def _measure(n_threads: int, shape_name: str, n: int, k: int, dtypes: tuple[torch.dtype, ...]) -> list[dict]:
+    """Rows for one shape: every format and output dtype, native vs reference (vs bitsandbytes)."""
+    rows = []
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    for label, fmt, group, opts in FORMATS:
+        qt = qk.quantize(weight, fmt, group_size=group, **opts)
+        for dtype in dtypes:
+            out = torch.empty(n, k, dtype=dtype)
+            out_bytes = n * k * out.element_size()
+            fns = {
+                "native": lambda qt=qt, out=out: native.dequantize_into(qt, out),
+                "reference": lambda qt=qt, dtype=dtype: qt.dequantize(dtype, backend="torch"),
+            }
+            bnb = _bnb_case(weight, dtype) if fmt == "nf4" else None
+            if bnb is not None:
+                fns["bnb"] = bnb
+            times = fastest_seconds(fns)
+            t_native, t_ref, t_bnb = times["native"], times["reference"], times.get("bnb")
+            row = {
+                "threads": n_threads,
+                "shape": shape_name,
+                "N": n,
+                "K": k,
+                "format": label,
+                "dtype": str(dtype).removeprefix("torch."),
+                "native_ms": 1e3 * t_native,
+                "reference_ms": 1e3 * t_ref,
+                "bnb_ms": None if t_bnb is None else 1e3 * t_bnb,
+                "native_GBps": out_bytes / t_native / 1e9,
+                "reference_GBps": out_bytes / t_ref / 1e9,
+                "bnb_GBps": None if t_bnb is None else out_bytes / t_bnb / 1e9,
+                "native_vs_reference": t_ref / t_native,
+                "native_vs_bnb": None if t_bnb is None else t_bnb / t_native,
+            }
+            rows.append(row)
+            print(_md_row(row), flush=True)
+    return rows
 
 
 def _version(package: str) -> str | None:
@@ -151,14 +171,15 @@ def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
 
 
 MD_HEADER = (
-    "| shape | format | out dtype | native GB/s | reference GB/s | bnb GB/s | native / reference | native / bnb |\n"
-    "|---|---|---|---:|---:|---:|---:|---:|"
+    "| threads | shape | format | out dtype | native GB/s | reference GB/s | bnb GB/s | native / reference "
+    "| native / bnb |\n|---:|---|---|---|---:|---:|---:|---:|---:|"
 )
 
 
 def _md_row(r: dict) -> str:
     return (
-        f"| {r['shape']} | {r['format']} | {r['dtype']} | {_fmt(r['native_GBps'])} | {_fmt(r['reference_GBps'])} | "
+        f"| {r['threads']} | {r['shape']} | {r['format']} | {r['dtype']} | "
+        f"{_fmt(r['native_GBps'])} | {_fmt(r['reference_GBps'])} | "
         f"{_fmt(r['bnb_GBps'])} | {_fmt(r['native_vs_reference'], 1, 'x')} | {_fmt(r['native_vs_bnb'], 1, 'x')} |"
     )
 
@@ -168,11 +189,11 @@ def to_markdown(result: dict) -> str:
     lines = [
         "# CPU dequantization throughput",
         "",
-        f"{m['cpu']}, {m['threads']} threads (load average {m['load_average'][0]} before, "
+        f"{m['cpu']}, {m['cores']} cores (load average {m['load_average'][0]} before, "
         f"{m['load_average'][1]} after: a shared machine); torch {m['torch']}, bitsandbytes {m['bitsandbytes']}. "
         f"Command: `{result['command']}`.",
         "GB/s of dense output written; ratios are speed-ups of native measured in the same run "
-        "(fastest of 7 interleaved rounds). bnb: bitsandbytes `dequantize_4bit` (NF4, block 64, double quant) "
+        "(fastest of 12 interleaved rounds). bnb: bitsandbytes `dequantize_4bit` (NF4, block 64, double quant) "
         "on the same weight; only NF4 has a bitsandbytes counterpart.",
         "",
         MD_HEADER,
@@ -186,9 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the SmolLM2 shape")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for dequant_cpu.{json,md}")
+    parser.add_argument(
+        "--threads", default="", help="comma-separated torch thread counts, e.g. 2,1 (default: torch's choice)"
+    )
     args = parser.parse_args(argv)
     print(MD_HEADER)
-    result = run(quick=args.quick)
+    result = run(quick=args.quick, threads=tuple(int(t) for t in args.threads.split(",") if t))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dequant_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "dequant_cpu.md").write_text(to_markdown(result))
