@@ -1,0 +1,60 @@
+"""CLI: every subcommand has --help, `info` runs, bad usage and bad configs exit 2, train/eval on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from train_support import tiny_model_dir, write_expense_data
+
+from qlora_kernels.cli import EXIT_USAGE, main
+
+
+@pytest.mark.parametrize("command", [[], ["info"], ["train"], ["eval"], ["merge"], ["demo"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: qlora-kernels" in capsys.readouterr().out
+
+
+def test_info_runs(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "nf4" in out
+
+
+def test_no_command_and_bad_arguments_are_usage_errors(tmp_path, capsys):
+    assert main([]) == EXIT_USAGE
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"])  # --config is required
+    assert exit_info.value.code == EXIT_USAGE
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == EXIT_USAGE
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: fast\n")
+    assert main(["train", "--config", str(bad)]) == EXIT_USAGE
+    assert "'lr' expects" in capsys.readouterr().err
+
+
+def test_train_then_eval_an_adapter_on_a_tiny_model(tmp_path, capsys):
+    train_file, eval_file = write_expense_data(tmp_path / "data", n_train=8, n_eval=4)
+    config = tmp_path / "c.yaml"
+    settings = {
+        "model": str(tiny_model_dir()),
+        "method": "lora",
+        "r": 2,
+        "train_file": str(train_file),
+        "max_steps": 2,
+        "batch_size": 4,
+        "output_dir": str(tmp_path / "run"),
+        "progress": False,
+    }
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["train", "--config", str(config), "--set", "lr=1e-3"]) == 0
+    assert (tmp_path / "run" / "metrics.jsonl").is_file() and (tmp_path / "run" / "adapter").is_dir()
+    capsys.readouterr()
+    code = main(["eval", "--adapter", str(tmp_path / "run" / "adapter"), "--data", str(eval_file), "--n", "4"])
+    assert code == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["n_eval"] == 4 and 0 <= scores["format"] <= 1 and 0 <= scores["exact"] <= 1
