@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from helpers import assert_close_by_norm
@@ -103,6 +105,28 @@ def test_unknown_backend_and_bad_weight(args):
         qk.qlora_linear(torch.randn(2, K), torch.randn(N, K), a, b)
 
 
-def test_auto_backend_is_torch_on_the_cpu():
-    assert type(resolve_backend("auto", torch.device("cpu"))).__name__ == "TorchBackend"
+def test_auto_backend_on_the_cpu_uses_native_when_built(monkeypatch):
+    module = importlib.import_module("qlora_kernels.ops.qlora_linear")
+
+    monkeypatch.setattr(module, "native_available", lambda: True)
+    assert resolve_backend("auto", torch.device("cpu")).decode == "native"
+    monkeypatch.setattr(module, "native_available", lambda: False)
+    assert resolve_backend("auto", torch.device("cpu")).decode == "torch"
+    assert resolve_backend("torch", torch.device("cpu")).decode == "torch"
+    with pytest.raises(ValueError, match="not built"):
+        resolve_backend("native", torch.device("cpu"))
     assert QLoRALinearFunction is not None
+
+
+def test_native_and_torch_backends_agree_exactly(args):
+    from qlora_kernels.ops.native import native_available
+
+    if not native_available():
+        pytest.skip("native extension not built")
+    qt, a, b, bias = args
+    x = torch.randn(2, 9, K, requires_grad=True)
+    y1 = qk.qlora_linear(x, qt, a, b, 0.5, bias, backend="native")
+    (g1,) = torch.autograd.grad(y1.square().sum(), x)
+    y2 = qk.qlora_linear(x, qt, a, b, 0.5, bias, backend="torch")
+    (g2,) = torch.autograd.grad(y2.square().sum(), x)
+    assert torch.equal(y1, y2) and torch.equal(g1, g2)

@@ -17,9 +17,10 @@ from typing import Protocol
 import torch
 
 from ..formats import QuantizedTensor
+from .native import native_available, workspace
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "native")
 
 
 # --------------------------------------------------------------------------- reference
@@ -57,12 +58,26 @@ class QLoRABackend(Protocol):
 
 
 class TorchBackend:
-    """PyTorch implementation of the backend arithmetic (CPU path; any device)."""
+    """PyTorch matmuls on a decoded weight (the CPU path; any device).
+
+    decode="torch": the pure reference decode into a fresh fp32 tensor (``backend="torch"``).
+    decode="native": the C++ extension decodes into one reused fp32 buffer, so no dense
+    weight is allocated per layer call (``backend="native"``, and ``"auto"`` on the CPU when
+    the extension is built).
+    """
+
+    def __init__(self, decode: str = "torch") -> None:
+        self.decode = decode
+
+    def _matmul(self, x: torch.Tensor, qt: QuantizedTensor, transpose: bool) -> torch.Tensor:
+        if self.decode == "native":
+            return workspace().matmul(x, qt, transpose=transpose)
+        w = qt.dequantize(torch.float32, backend=self.decode)
+        return x @ (w.t() if transpose else w)
 
     def forward(self, x, qt, lora_a, lora_b, scaling, bias):
-        w = qt.dequantize(torch.float32, backend="auto")
         xf = x.float()
-        y = xf @ w.t()
+        y = self._matmul(xf, qt, transpose=True)
         xa = None
         if lora_a is not None:
             xa = xf @ lora_a.float().t()
@@ -72,15 +87,14 @@ class TorchBackend:
         return y.to(x.dtype), xa
 
     def grad_input(self, dy, qt, lora_a, lora_b, scaling):
-        w = qt.dequantize(torch.float32, backend="auto")
         dyf = dy.float()
-        dx = dyf @ w
+        dx = self._matmul(dyf, qt, transpose=False)
         if lora_a is not None:
             dx.addmm_(dyf @ lora_b.float(), lora_a.float(), alpha=scaling)
         return dx.to(dy.dtype)
 
 
-_BACKEND_IMPLS: dict[str, QLoRABackend] = {"torch": TorchBackend()}
+_BACKEND_IMPLS: dict[str, QLoRABackend] = {"torch": TorchBackend("torch"), "native": TorchBackend("native")}
 
 
 def register_qlora_backend(name: str, impl: QLoRABackend) -> None:
@@ -99,12 +113,24 @@ def _triton_backend() -> QLoRABackend:
 
 
 def resolve_backend(backend: str, device: torch.device) -> QLoRABackend:
+    """The implementation for `backend` on `device` ("auto": Triton on CUDA, else native or torch)."""
     if backend not in BACKENDS:
         raise ValueError(f"qlora_linear: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            backend = "triton"
+        else:
+            backend = "native" if device.type == "cpu" and native_available() else "torch"
     if backend == "triton":
         return _triton_backend()
+    if backend == "native":
+        if device.type != "cpu":
+            raise ValueError(f"qlora_linear: backend='native' runs on the CPU only, got tensors on {device}")
+        if not native_available():
+            raise ValueError(
+                "qlora_linear: backend='native' needs the C++ extension, which is not built; rebuild with "
+                "QK_BUILD_NATIVE=1 pip install --no-build-isolation -e . (or use backend='torch')"
+            )
     return _BACKEND_IMPLS[backend]
 
 
@@ -199,8 +225,9 @@ def qlora_linear(
 
     x: (..., K) in bf16, fp16 or fp32; W: qt of shape (N, K); lora_a: (r, K); lora_b: (N, r);
     ``lora_a=None`` means a plain quantized linear. Output: (..., N) in x's dtype (or the
-    autocast dtype inside an autocast region). backend: ``"auto"`` (Triton on CUDA, PyTorch
-    on the CPU), ``"triton"`` or ``"torch"``.
+    autocast dtype inside an autocast region). backend: ``"auto"`` (Triton on CUDA; on the CPU
+    the native decode into a reused buffer when built, else PyTorch), ``"triton"``, ``"native"``
+    or ``"torch"`` (the pure-PyTorch decode).
     """
     check_qlora_args(x, qt, lora_a, lora_b, bias)
     device_type = x.device.type
