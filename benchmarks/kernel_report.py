@@ -36,7 +36,8 @@ from qlora_kernels.kernels import dequant, qlora_matmul, weight_tile  # noqa: E4
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 #: Max shared memory per block (opt-in), bytes: A100 (sm_80) and H100 (sm_90).
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-#: Representative launch: Llama-8B q_proj (4096 x 4096), LoRA r=16, decode-sized M.
+#: Representative launch: Llama-8B q_proj (4096 x 4096), LoRA r=16, decode-sized M (16, so
+#: the split-K forward configs, valid for M <= SPLIT_K_MAX_M, are compiled too).
 SHAPE = {"M": 16, "N": 4096, "K": 4096, "R": 16}
 #: (format, group) compiled for every kernel: int4 at group 128 (the widest K tiles) and 32
 #: (the narrowest), NF4 at its usual 64, int8 (one config: it shares int4's).
@@ -207,13 +208,15 @@ def matmul_values(mode: int, fmt: str, group: int, elem: str) -> dict:
         "mins_ptr": "*fp16" if fmt == "int4" else "*fp32",
         "absmax_scales_ptr": "*fp32",
         "absmax_offset_ptr": "*fp32",
-        "level_table_ptr": "*fp32",
         "nested_table_ptr": "*fp32",
         "down_ptr": elem,
         "up_ptr": elem,
         "bias_ptr": elem,
         "out_ptr": elem,
         "side_ptr": "*fp32",
+        "part_ptr": "*fp32",
+        "part_side_ptr": "*fp32",
+        "counter_ptr": "*i32",
         "M": m,
         "N": n,
         "K": k,
@@ -250,7 +253,10 @@ def jobs(quick: bool):
             configs = [
                 c
                 for c in qlora_matmul.gpu_configs(mode)
-                if qlora_matmul.config_is_valid(c, mode, group, FORMAT_ID[fmt], qlora_matmul.M_BUCKET_CAP, r_pad)
+                if any(
+                    qlora_matmul.config_is_valid(c, mode, group, FORMAT_ID[fmt], bucket, r_pad)
+                    for bucket in (qlora_matmul.SPLIT_K_MAX_M, qlora_matmul.M_BUCKET_CAP)  # every config some M uses
+                )
             ]
             if fmt == "int8":  # int8 shares int4's configs; one shows its (byte) decode
                 configs = configs[:1]
@@ -266,6 +272,8 @@ def jobs(quick: bool):
                 }
                 label = "M{BLOCK_M}-O{BLOCK_OUT}-R{BLOCK_RED}".format(**cfg.kwargs)
                 label += f"-w{cfg.num_warps}-s{cfg.num_stages}"
+                if cfg.kwargs["SPLIT_K"] > 1:
+                    label += "-k{SPLIT_K}".format(**cfg.kwargs)
                 values = matmul_values(mode, fmt, group, elem)
                 yield (
                     name,
@@ -286,7 +294,6 @@ def jobs(quick: bool):
             "mins_ptr": "*fp16" if fmt == "int4" else "*fp32",
             "absmax_scales_ptr": "*fp32",
             "absmax_offset_ptr": "*fp32",
-            "level_table_ptr": "*fp32",
             "nested_table_ptr": "*fp32",
             "out_ptr": elem,
             "N": n,
@@ -319,7 +326,7 @@ def run(archs: list[int], quick: bool) -> list[Row]:
 
 def print_table(rows: list[Row]) -> None:
     head = (
-        f"{'kernel':<17}{'fmt':<10}{'sm':<4}{'config':<22}{'regs':>5}{'smem':>8}{'spill':>6}  {'mma':<14}weight loads"
+        f"{'kernel':<17}{'fmt':<10}{'sm':<4}{'config':<25}{'regs':>5}{'smem':>8}{'spill':>6}  {'mma':<14}weight loads"
     )
     print(head)
     print("-" * len(head))
@@ -327,7 +334,7 @@ def print_table(rows: list[Row]) -> None:
         mma = ",".join(f"{k}:{v}" for k, v in r.tensor_core_ops.items() if v) or "-"
         loads = ",".join(f"{k}x{v}" for k, v in sorted(r.weight_load_widths.items())) or "?"
         print(
-            f"{r.kernel:<17}{r.format:<10}{r.arch:<4}{r.config:<22}{r.registers:>5}{r.shared_bytes:>8}"
+            f"{r.kernel:<17}{r.format:<10}{r.arch:<4}{r.config:<25}{r.registers:>5}{r.shared_bytes:>8}"
             f"{r.spill_bytes:>6}  {mma:<14}{loads}"
         )
 

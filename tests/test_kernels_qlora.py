@@ -170,6 +170,51 @@ def test_autograd_saves_no_dense_weight(device):
     assert sorted(shapes) == sorted([(3, 128), (3, 4), (4, 128), (45, 4)])
 
 
+# ---------------------------------------------------------------------------------- split-K
+@pytest.fixture
+def split_k(monkeypatch):
+    """Install the interpreter's split-K config (SPLIT_K=3, BLOCK_RED=32) as the forward's only config."""
+    monkeypatch.setattr(qm._forward_tuned, "configs", [qm.INTERPRETER_SPLIT_K_CONFIG])
+    monkeypatch.setattr(qm._forward_tuned, "cache", {})
+    monkeypatch.setattr(qm, "FUSED_MAX_M", 1 << 30)
+    return qm.INTERPRETER_SPLIT_K_CONFIG.kwargs["SPLIT_K"]
+
+
+# K = 100 (int8): 4 K-steps in 3 splits of 2, so the last split is empty; K = 192: 6 in 3 x 2.
+@pytest.mark.parametrize("fmt,kw,k", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("m", [1, 17])
+def test_split_k_forward_matches_reference(fmt, kw, k, m, split_k, device):
+    """LoRA side reduced over the splits, up-projection and bias added once; 2 N tiles, 1-2 M tiles."""
+    qt, a, b = _problem(fmt, kw, k, 45, device)
+    x = _randn(m, k, device=device, dtype=torch.bfloat16)
+    bias = _randn(45, device=device)
+    _check_against_reference(x, qt, a, b, bias)
+    y, xa = qm.qlora_forward_fused(x, qt, a, b, 0.5, bias)
+    assert_close_by_norm(xa, x.float() @ a.t(), REL_TOL[torch.bfloat16], "x @ A^T over the splits")
+    assert not qm.split_k_counters(1, device).any(), "a tile counter was not reset"
+    y2, xa2 = qm.qlora_forward_fused(x, qt, a, b, 0.5, bias)
+    assert torch.equal(y, y2) and torch.equal(xa, xa2), "split-K results must be reproducible"
+
+
+def test_split_k_without_lora_or_bias(split_k, device):
+    qt, _, _ = _problem("nf4", {}, 128, 45, device)
+    x = _randn(3, 128, device=device, dtype=torch.float32)
+    y, xa = qm.qlora_forward_fused(x, qt, None, None, 1.0)
+    assert xa is None
+    assert_close_by_norm(y, qlora_linear_ref(x, qt, None, None, 1.0), REL_TOL[torch.float32], "split-K plain")
+
+
+def test_split_k_configs_only_for_small_m_forward():
+    for c in qm.gpu_configs(qm.MODE_FORWARD):
+        if c.kwargs["SPLIT_K"] > 1:
+            assert not qm.config_is_valid(c, qm.MODE_FORWARD, 128, 1, qm.m_bucket(qm.SPLIT_K_MAX_M + 1), 16)
+    assert any(
+        c.kwargs["SPLIT_K"] > 1 and qm.config_is_valid(c, qm.MODE_FORWARD, 64, 2, 1, 16)
+        for c in qm.gpu_configs(qm.MODE_FORWARD)
+    ), "NF4 g64 at M = 1 has a split-K config"
+    assert all(c.kwargs["SPLIT_K"] == 1 for c in qm.gpu_configs(qm.MODE_GRAD_INPUT))
+
+
 # ------------------------------------------------------------------------- configs / tuning
 def test_m_bucket_and_rank_padding():
     assert [qm.m_bucket(m) for m in (1, 3, 16, 17, 64, 4096)] == [1, 4, 16, 32, 64, 64]

@@ -3,7 +3,7 @@
 Runs benchmarks/kernel_report.py in a subprocess (it needs TRITON_INTERPRET=0, which this
 test session's conftest turned on) and checks its JSON: no spills, tensor-core instructions
 in the matmul kernels, shared memory within the card, 128-bit packed-weight loads in the
-bandwidth-bound small-M forward for int4/int8.
+bandwidth-bound small-M forward for every format (NF4 included, since it decodes in registers).
 """
 
 from __future__ import annotations
@@ -86,13 +86,21 @@ def test_shared_memory_within_card(report):
 
 
 def test_small_m_forward_loads_packed_weight_128_bit(report):
-    """int4/int8: every packed-weight load of the fused forward is a 128-bit vector load.
-    NF4's configs trade this for registers (see NF4_MAX_ELEMS_PER_THREAD): checked >= 64."""
+    """Every packed-weight load of the fused forward is a 128-bit vector load, in every format
+    (NF4 too: its codes decode in registers, see weight_tile._nf4_level), split-K configs too."""
     for r in report["rows"]:
         if r["kernel"] != "qlora_fwd":
             continue
         widths = r["weight_load_widths"]
         assert widths, f"no packed-weight load found in the PTX of {r['format']} {r['config']}"
-        minimum = 64 if r["format"].startswith("nf4") else 128
-        narrow = {k: v for k, v in widths.items() if int(k.split(":")[1]) < minimum}
+        narrow = {k: v for k, v in widths.items() if int(k.split(":")[1]) < 128}
         assert not narrow, f"{r['format']} sm_{r['arch']} {r['config']}: narrow packed loads {narrow}"
+
+
+def test_split_k_forward_configs_compiled(report):
+    """The split-K forward configs (M <= SPLIT_K_MAX_M) are in the report for every 4-bit format."""
+    for fmt in ("int4/g128", "int4/g32", "nf4/g64"):
+        for arch in (80, 90):
+            split = [r for r in report["rows"] if r["kernel"] == "qlora_fwd" and r["format"] == fmt
+                     and r["arch"] == arch and "-k" in r["config"]]  # fmt: skip
+            assert split, f"no split-K forward config compiled for {fmt} sm_{arch}"

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import QuantizedTensor, dynamic_table, nf4_table
+from ..formats import QuantizedTensor, dynamic_table
 from ._runtime import TORCH_TO_FORMAT_ID, check_launchable
 from .weight_tile import load_weight_tile
 
@@ -27,7 +27,6 @@ def _dequant_kernel(
     mins_ptr,
     absmax_scales_ptr,
     absmax_offset_ptr,
-    level_table_ptr,
     nested_table_ptr,
     out_ptr,
     # sizes and strides
@@ -55,7 +54,6 @@ def _dequant_kernel(
         mins_ptr,
         absmax_scales_ptr,
         absmax_offset_ptr,
-        level_table_ptr,
         nested_table_ptr,
         offs_n,
         k0,
@@ -78,7 +76,6 @@ def _dequant_kernel(
 def weight_kernel_args(qt: QuantizedTensor) -> tuple:
     """The pointer arguments every kernel takes for `qt`, with placeholders for absent fields."""
     placeholder = qt.scales
-    level_table = nf4_table(qt.device)
     nested_table = dynamic_table(qt.device)
     return (
         qt.data,
@@ -86,7 +83,6 @@ def weight_kernel_args(qt: QuantizedTensor) -> tuple:
         qt.mins if qt.mins is not None else placeholder,
         qt.absmax_scales if qt.absmax_scales is not None else placeholder,
         qt.absmax_offset if qt.absmax_offset is not None else placeholder,
-        level_table,
         nested_table,
     )
 

@@ -48,14 +48,26 @@ MODE_GRAD_INPUT = 1
 
 #: LoRA rank is padded to a power of two >= this (the minimum tl.dot dimension).
 MIN_R_PAD = 16
-#: NF4 decodes through a 16-entry table gather (one load per element), which costs registers:
-#: the fused forward spills at 32 decoded elements per thread (255 registers, 96-128 B stack),
-#: the backward at 64 (336 B on sm_80), not at 16 / 32 (benchmarks/kernel_report.py, sm_80
-#: and sm_90, triton 3.9). Configs above these are pruned for NF4.
-NF4_MAX_ELEMS_PER_THREAD = {MODE_FORWARD: 16, MODE_GRAD_INPUT: 32}
+#: NF4 decodes in registers (weight_tile._nf4_level, a select tree); with it the forward
+#: compiles like int4 (kernel_report, triton 3.9, nf4/g64: no spills up to 64 decoded
+#: elements per thread, 128-168 regs on sm_80, 128-174 on sm_90), so the forward has no NF4
+#: limit. The backward still spills at 64 elements per thread with BLOCK_M=32 (M32-O64-R128-w4-s3:
+#: 8 B stack on sm_80), not at 32, so its NF4 configs are pruned above that.
+NF4_MAX_ELEMS_PER_THREAD = {MODE_GRAD_INPUT: 32}
 #: The forward's packed tile must give each thread >= 16 bytes, or its loads cannot be
-#: 128-bit (int4/int8; NF4's register limit above wins over this).
+#: 128-bit (every format: at 8 bytes per thread they are 64-bit, kernel_report).
 MIN_PACKED_BYTES_PER_THREAD = 16
+#: Split-K (SPLIT_K > 1 configs) is offered to the forward for M <= this. The forward grid
+#: is N / BLOCK_OUT programs (64 at N = 4096, BLOCK_OUT = 64) on 108-132 SMs, one 4-warp
+#: CTA per SM at most, and a single-stage CTA has one BLOCK_OUT x BLOCK_RED packed tile
+#: (2-4 KiB) in flight: far from the ~20 KiB per SM that HBM latency x bandwidth asks.
+#: Split-K multiplies the programs by SPLIT_K; its cost is the fp32 partial tiles, written
+#: and read once more through L2: SPLIT_K * M * N * 4 bytes, 1/16 of an int4 weight's bytes
+#: per split at M = 16 (K = 4096), 1/256 at M = 1, hence the limit 16. Reduction scheme:
+#: the last program of a tile (atomic counter) sums the partials in split order, so results
+#: are bitwise reproducible, unlike fp32 atomic adds into the output (order-dependent), and
+#: it needs one launch, no zero-filled buffer and no cast pass. Not timed (no GPU lent).
+SPLIT_K_MAX_M = 16
 #: Shared memory budget used to prune configs: 99 KiB fits every sm_80+ card (sm_86/89 cap;
 #: A100 has 163 KiB, H100 227 KiB), so a config never fails to launch for lack of it.
 SMEM_BUDGET_BYTES = 99 * 1024
@@ -64,20 +76,23 @@ SMEM_BUDGET_BYTES = 99 * 1024
 # ---------------------------------------------------------------------------- the kernel
 @triton.jit
 def _qlora_matmul_kernel(
-    # pointers: activation (x or dy), packed weight (7, see weight_kernel_args), LoRA, bias, outputs
+    # pointers: activation (x or dy), packed weight (6, see weight_kernel_args), LoRA, bias, outputs
     act_ptr,
     data_ptr,
     scales_ptr,
     mins_ptr,
     absmax_scales_ptr,
     absmax_offset_ptr,
-    level_table_ptr,
     nested_table_ptr,
     down_ptr,
     up_ptr,
     bias_ptr,
     out_ptr,
     side_ptr,
+    # split-K workspace (SPLIT_K > 1 only): fp32 partial outputs, partial sides, tile counters
+    part_ptr,
+    part_side_ptr,
+    counter_ptr,
     # sizes
     M,
     N,
@@ -110,6 +125,7 @@ def _qlora_matmul_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_OUT: tl.constexpr,
     BLOCK_RED: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """MODE_FORWARD: out = act @ W^T + s * (act @ down) @ up + bias, reduced over K.
     MODE_GRAD_INPUT: out = act @ W + s * (act @ down) @ up, reduced over N.
@@ -117,9 +133,17 @@ def _qlora_matmul_kernel(
     down is read as a (RED, R) matrix and up as (R, OUT) through strides, so A (r, K) and
     B (N, r) need no transposed copies in either mode. side = act @ down (fp32) is stored
     when STORE_SIDE (the forward's x @ A^T for the backward).
+
+    SPLIT_K > 1 (forward only): program (o, m, s) reduces the s-th of SPLIT_K contiguous
+    slices of K steps and stores its fp32 partial out tile and partial side in the workspace;
+    the last of the SPLIT_K programs of a tile to arrive (a per-tile counter) sums the
+    partials in split order 0..SPLIT_K-1 and runs the epilogue (LoRA up-projection on the
+    full side, bias) once, then resets the counter for the next launch.
     """
+    tl.static_assert(SPLIT_K == 1 or MODE == 0, "split-K is for the forward only")
     pid_out = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
     if FORMAT != 0:
         # GROUP divides K for the 4-bit formats: writing K as a multiple of the constexpr GROUP
         # tells the compiler that the K-mask of a packed row is constant over >= 16 bytes, so
@@ -141,7 +165,15 @@ def _qlora_matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_OUT, BLOCK_M), dtype=tl.float32)  # forward accumulates out^T (swap AB)
     side = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for step in range(0, tl.cdiv(RED_SIZE, BLOCK_RED)):
+    n_steps = tl.cdiv(RED_SIZE, BLOCK_RED)
+    if SPLIT_K == 1:  # a loop from the constant 0 (pid_k * n_steps costs the backward 8 B of spills)
+        step_lo = 0
+        step_hi = n_steps
+    else:  # contiguous slices of ceil(n_steps / SPLIT_K) steps; trailing ones may be empty
+        steps_per_split = tl.cdiv(n_steps, SPLIT_K)
+        step_lo = pid_k * steps_per_split
+        step_hi = tl.minimum(step_lo + steps_per_split, n_steps)
+    for step in range(step_lo, step_hi):
         red0 = tl.multiple_of(step * BLOCK_RED, BLOCK_RED)
         offs_red = red0 + tl.arange(0, BLOCK_RED)
         mask_red = offs_red < RED_SIZE
@@ -153,16 +185,16 @@ def _qlora_matmul_kernel(
         if MODE == 0:  # W tile (BLOCK_OUT rows of N, BLOCK_RED columns of K) as the A operand:
             # out^T = W @ x^T puts the wide N tile on the MMA's M side (wgmma on sm_90 even at M=1)
             w = load_weight_tile(
-                data_ptr, scales_ptr, mins_ptr, absmax_scales_ptr, absmax_offset_ptr, level_table_ptr,
-                nested_table_ptr, offs_out, red0, N, K, stride_data_n, stride_scales_n,
+                data_ptr, scales_ptr, mins_ptr, absmax_scales_ptr, absmax_offset_ptr, nested_table_ptr,
+                offs_out, red0, N, K, stride_data_n, stride_scales_n,
                 FORMAT, GROUP, SYMMETRIC, DOUBLE_QUANT, BLOCK_OUT, BLOCK_RED,
             )  # fmt: skip
             acc_t = tl.dot(w.to(act.dtype), tl.trans(act), acc_t, input_precision="ieee")
         else:  # W tile (BLOCK_RED rows of N, BLOCK_OUT columns of K)
             k0 = tl.multiple_of(pid_out * BLOCK_OUT, BLOCK_OUT)
             w = load_weight_tile(
-                data_ptr, scales_ptr, mins_ptr, absmax_scales_ptr, absmax_offset_ptr, level_table_ptr,
-                nested_table_ptr, offs_red, k0, N, K, stride_data_n, stride_scales_n,
+                data_ptr, scales_ptr, mins_ptr, absmax_scales_ptr, absmax_offset_ptr, nested_table_ptr,
+                offs_red, k0, N, K, stride_data_n, stride_scales_n,
                 FORMAT, GROUP, SYMMETRIC, DOUBLE_QUANT, BLOCK_RED, BLOCK_OUT,
             )  # fmt: skip
             acc = tl.dot(act, w.to(act.dtype), acc, input_precision="ieee")
@@ -173,6 +205,74 @@ def _qlora_matmul_kernel(
 
     if MODE == 0:
         acc = tl.trans(acc_t)
+    if SPLIT_K == 1:
+        _epilogue(
+            acc, side, up_ptr, bias_ptr, out_ptr, side_ptr, offs_m, offs_out, offs_r, mask_m, mask_out, pid_out, R,
+            stride_up_r, stride_up_out, stride_out_m, stride_side_m, scaling, HAS_LORA, HAS_BIAS, STORE_SIDE,
+        )  # fmt: skip
+    else:
+        rows = offs_m.to(tl.int64)
+        mask_mo = mask_m[:, None] & mask_out[None, :]
+        part_rows = rows[:, None] * OUT_SIZE + offs_out[None, :]  # + split * M * OUT_SIZE
+        tl.store(part_ptr + pid_k * M * OUT_SIZE + part_rows, acc, mask=mask_mo)
+        # partial sides per (out tile, split): the last program of a tile reads its tile's only
+        side_rows = rows[:, None] * R_PAD + offs_r[None, :]  # + (o * SPLIT_K + split) * M * R_PAD
+        side_tile = pid_out.to(tl.int64) * SPLIT_K * M * R_PAD
+        if HAS_LORA:
+            tl.store(part_side_ptr + side_tile + pid_k * M * R_PAD + side_rows, side, mask=mask_m[:, None])
+        # Every thread's partial stores happen before the release (bar.sync, then one thread's
+        # acq_rel atomic: CUTLASS's split-K semaphore pattern); the last program reads the
+        # partials through L2 (.cg), after its acquire.
+        tl.debug_barrier()
+        counter = counter_ptr + pid_m * tl.num_programs(0) + pid_out
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=tl.float32)
+            side_total = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):  # fixed order: bitwise deterministic
+                total += tl.load(
+                    part_ptr + split * M * OUT_SIZE + part_rows, mask=mask_mo, other=0.0, cache_modifier=".cg"
+                )
+                if HAS_LORA:
+                    side_total += tl.load(
+                        part_side_ptr + side_tile + split * M * R_PAD + side_rows,
+                        mask=mask_m[:, None],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+            _epilogue(
+                total, side_total, up_ptr, bias_ptr, out_ptr, side_ptr, offs_m, offs_out, offs_r, mask_m, mask_out,
+                pid_out, R, stride_up_r, stride_up_out, stride_out_m, stride_side_m, scaling, HAS_LORA, HAS_BIAS,
+                STORE_SIDE,
+            )  # fmt: skip
+
+
+@triton.jit
+def _epilogue(
+    acc,
+    side,
+    up_ptr,
+    bias_ptr,
+    out_ptr,
+    side_ptr,
+    offs_m,
+    offs_out,
+    offs_r,
+    mask_m,
+    mask_out,
+    pid_out,
+    R,
+    stride_up_r,
+    stride_up_out,
+    stride_out_m,
+    stride_side_m,
+    scaling,
+    HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STORE_SIDE: tl.constexpr,
+):
+    """out = acc + scaling * side @ up + bias on one (BLOCK_M, BLOCK_OUT) tile; side stored by pid_out 0."""
     if HAS_LORA:
         # Rank-first up-projection in fp32 (R_PAD x BLOCK_OUT per tile: negligible work).
         up_offs = offs_r[:, None] * stride_up_r + offs_out.to(tl.int64)[None, :] * stride_up_out
@@ -192,15 +292,16 @@ def _qlora_matmul_kernel(
 
 
 # ------------------------------------------------------------------------------ autotune
-def _config(block_m: int, block_out: int, block_red: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_OUT": block_out, "BLOCK_RED": block_red}, num_warps=warps, num_stages=stages
-    )
+def _config(block_m: int, block_out: int, block_red: int, warps: int, stages: int, split_k: int = 1) -> triton.Config:
+    kwargs = {"BLOCK_M": block_m, "BLOCK_OUT": block_out, "BLOCK_RED": block_red, "SPLIT_K": split_k}
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
 #: The one config used under TRITON_INTERPRET=1: small (interpreted tiles are slow) and valid
 #: for every format and group size (32 divides every group size in GROUP_SIZES).
 INTERPRETER_CONFIG = _config(16, 32, 32, 4, 1)
+#: A split-K config for interpreter tests (not used unless a test installs it).
+INTERPRETER_SPLIT_K_CONFIG = _config(16, 32, 32, 4, 1, split_k=3)
 
 
 def gpu_configs(mode: int) -> list[triton.Config]:
@@ -220,12 +321,15 @@ def gpu_configs(mode: int) -> list[triton.Config]:
             _config(16, 32, 128, 4, 1),
             _config(16, 64, 128, 4, 1),
             _config(16, 64, 64, 4, 1),
-            _config(16, 64, 64, 8, 1),
             _config(16, 128, 64, 4, 1),
             _config(16, 128, 64, 8, 1),
             _config(64, 64, 64, 4, 1),
             _config(16, 128, 32, 4, 1),  # group size 32
-            _config(16, 128, 32, 8, 1),  # group size 32, NF4
+            # split-K, M <= SPLIT_K_MAX_M only (4096 x 4096: 256-512 programs for 132 SMs)
+            _config(16, 64, 128, 4, 1, split_k=4),
+            _config(16, 64, 64, 4, 1, split_k=4),  # NF4 g64
+            _config(16, 32, 128, 4, 1, split_k=8),
+            _config(16, 128, 32, 4, 1, split_k=4),  # group size 32
         ]
     return [
         _config(16, 32, 64, 4, 4),  # group size 32
@@ -251,19 +355,21 @@ def config_is_valid(
     cfg: triton.Config, mode: int, group: int, fmt_id: int, m_bucket: int, r_pad: int, elem_bytes: int = 2
 ) -> bool:
     """Invariants: the weight tile's K extent divides the group (4-bit formats); M tile not
-    wider than the bucket (16 = tl.dot's minimum); in the forward, NF4's register budget and
-    16 packed bytes per thread for the others; shared memory within SMEM_BUDGET_BYTES."""
+    wider than the bucket (16 = tl.dot's minimum); 16 packed bytes per thread in the forward;
+    NF4's register budget in the backward; shared memory within SMEM_BUDGET_BYTES."""
     kw = cfg.kwargs
     weight_k = kw["BLOCK_RED"] if mode == MODE_FORWARD else kw["BLOCK_OUT"]
     if fmt_id != 0 and (weight_k > group or group % weight_k):
         return False
     if kw["BLOCK_M"] > max(16, m_bucket):
         return False
+    if kw["SPLIT_K"] > 1 and (mode != MODE_FORWARD or m_bucket > SPLIT_K_MAX_M):
+        return False
     elems_per_thread = kw["BLOCK_OUT"] * kw["BLOCK_RED"] // (32 * cfg.num_warps)
-    if fmt_id == 2 and elems_per_thread > NF4_MAX_ELEMS_PER_THREAD[mode]:
+    if fmt_id == 2 and elems_per_thread > NF4_MAX_ELEMS_PER_THREAD.get(mode, elems_per_thread):
         return False
     packed_bytes = elems_per_thread if fmt_id == 0 else elems_per_thread // 2
-    if mode == MODE_FORWARD and fmt_id != 2 and packed_bytes < MIN_PACKED_BYTES_PER_THREAD:
+    if mode == MODE_FORWARD and packed_bytes < MIN_PACKED_BYTES_PER_THREAD:
         return False
     smem = smem_estimate(kw["BLOCK_M"], kw["BLOCK_OUT"], kw["BLOCK_RED"], cfg.num_stages, r_pad, elem_bytes)
     return smem <= SMEM_BUDGET_BYTES
@@ -322,6 +428,44 @@ def _check_fused_args(act: torch.Tensor, qt: QuantizedTensor, lora_a, lora_b, op
         raise TypeError(f"{op}: the activation must be bf16, fp16 or fp32, got {act.dtype}")
 
 
+#: Per-device split-K tile counters (int32, all zero between launches: the last program of
+#: each tile resets its counter). Shared by every launch on the device, so, like the decode
+#: buffers below, not safe for two streams running split-K forwards concurrently.
+_SPLIT_K_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_k_counters(count: int, device: torch.device) -> torch.Tensor:
+    """At least `count` zeroed int32 tile counters on `device` (allocated once, grown when needed)."""
+    key = torch.device(device)
+    counters = _SPLIT_K_COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=key)
+        _SPLIT_K_COUNTERS[key] = counters
+    return counters
+
+
+def _split_k_workspace(tuned, mode: int, qt: QuantizedTensor, act: torch.Tensor, m: int, out_size: int, r_pad: int):
+    """(partials, partial sides, counters) big enough for every config the autotuner may pick
+    for this launch (the ones `_prune` keeps), or (None, None, None) when none splits K."""
+    configs = tuned.configs
+    if len(configs) > 1:  # the autotuner prunes only when it has a choice
+        meta = weight_meta(qt)
+        configs = [
+            c
+            for c in configs
+            if config_is_valid(c, mode, meta["GROUP"], meta["FORMAT"], m_bucket(m), r_pad, act.element_size())
+        ]
+    split = [c.kwargs for c in configs if c.kwargs["SPLIT_K"] > 1]
+    if not split:
+        return None, None, None
+    max_split = max(kw["SPLIT_K"] for kw in split)
+    out_tiles = max(triton.cdiv(out_size, kw["BLOCK_OUT"]) for kw in split)
+    m_tiles = max(triton.cdiv(m, kw["BLOCK_M"]) for kw in split)
+    part = torch.empty((max_split, m, out_size), dtype=torch.float32, device=act.device)
+    part_side = torch.empty((out_tiles, max_split, m, r_pad), dtype=torch.float32, device=act.device)
+    return part, part_side, split_k_counters(out_tiles * m_tiles, act.device)
+
+
 def _launch(
     mode: int,
     act: torch.Tensor,
@@ -349,7 +493,9 @@ def _launch(
         up_strides = (lora_a.stride(0), lora_a.stride(1)) if has_lora else (0, 0)
         out_size, tuned = k, _grad_input_tuned
     placeholder = out
-    grid = lambda meta: (triton.cdiv(out_size, meta["BLOCK_OUT"]), triton.cdiv(m, meta["BLOCK_M"]))
+    r_pad = lora_r_pad(r)
+    part, part_side, counters = _split_k_workspace(tuned, mode, qt, act, m, out_size, r_pad)
+    grid = lambda meta: (triton.cdiv(out_size, meta["BLOCK_OUT"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"])
     tuned[grid](
         act,
         *weight_kernel_args(qt),
@@ -358,6 +504,9 @@ def _launch(
         bias if bias is not None else placeholder,
         out,
         side if side is not None else placeholder,
+        part if part is not None else placeholder,
+        part_side if part_side is not None else placeholder,
+        counters if counters is not None else placeholder,
         m,
         n,
         k,
@@ -377,7 +526,7 @@ def _launch(
         HAS_LORA=has_lora,
         HAS_BIAS=bias is not None,
         STORE_SIDE=side is not None,
-        R_PAD=lora_r_pad(r),
+        R_PAD=r_pad,
     )
 
 

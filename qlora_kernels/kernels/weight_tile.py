@@ -3,6 +3,14 @@
 All arithmetic is fp32 (the same operations, in the same order, as the PyTorch reference in
 `qlora_kernels.formats.reference`, so a stored tile is bit-identical to the reference).
 Invariant: for int4 and NF4, BLOCK_K divides the group size, so a tile row has one scale.
+
+NF4 codes decode in registers (`_nf4_level`: a select tree on the 4 code bits over the 16
+levels as fp32 immediates), not by a gather from a level table in global memory. The gather
+cost one 64-bit address and one load per decoded element; with it the fused forward spilled
+at 32 elements per thread (255 registers) and so NF4 could not use 128-bit packed loads
+(kernel_report, triton 3.9: nf4/g64 forward ld:64, 238 regs on sm_80 / 215 on sm_90 at 16
+elements per thread). The select tree gives the same fp32 values bit for bit (each level is
+an exact fp32 constant), so stored tiles still equal the reference.
 """
 
 from __future__ import annotations
@@ -10,11 +18,59 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..formats import NF4_LEVELS
+
 # Format ids, used as tl.constexpr FORMAT values.
 INT8: tl.constexpr = tl.constexpr(0)
 INT4: tl.constexpr = tl.constexpr(1)
 NF4: tl.constexpr = tl.constexpr(2)
 NESTED_BLOCK: tl.constexpr = tl.constexpr(256)
+
+# The NF4 levels as fp32 constexprs (NF4_LEVELS holds exact fp32 values, so nothing rounds).
+_NF4_0: tl.constexpr = tl.constexpr(NF4_LEVELS[0])
+_NF4_1: tl.constexpr = tl.constexpr(NF4_LEVELS[1])
+_NF4_2: tl.constexpr = tl.constexpr(NF4_LEVELS[2])
+_NF4_3: tl.constexpr = tl.constexpr(NF4_LEVELS[3])
+_NF4_4: tl.constexpr = tl.constexpr(NF4_LEVELS[4])
+_NF4_5: tl.constexpr = tl.constexpr(NF4_LEVELS[5])
+_NF4_6: tl.constexpr = tl.constexpr(NF4_LEVELS[6])
+_NF4_7: tl.constexpr = tl.constexpr(NF4_LEVELS[7])
+_NF4_8: tl.constexpr = tl.constexpr(NF4_LEVELS[8])
+_NF4_9: tl.constexpr = tl.constexpr(NF4_LEVELS[9])
+_NF4_10: tl.constexpr = tl.constexpr(NF4_LEVELS[10])
+_NF4_11: tl.constexpr = tl.constexpr(NF4_LEVELS[11])
+_NF4_12: tl.constexpr = tl.constexpr(NF4_LEVELS[12])
+_NF4_13: tl.constexpr = tl.constexpr(NF4_LEVELS[13])
+_NF4_14: tl.constexpr = tl.constexpr(NF4_LEVELS[14])
+_NF4_15: tl.constexpr = tl.constexpr(NF4_LEVELS[15])
+
+
+@triton.jit
+def _nf4_level(q):
+    """NF4_LEVELS[q] (fp32) for int32 codes 0..15: a 15-select tree on the code bits, low bit first.
+
+    Each level of the tree halves the candidates; ptxas turns it into predicated selects on
+    immediates, no memory access and no per-element address registers.
+    """
+    b0 = (q & 1) != 0
+    b1 = (q & 2) != 0
+    b2 = (q & 4) != 0
+    b3 = (q & 8) != 0
+    l01 = tl.where(b0, _NF4_1, _NF4_0)
+    l23 = tl.where(b0, _NF4_3, _NF4_2)
+    l45 = tl.where(b0, _NF4_5, _NF4_4)
+    l67 = tl.where(b0, _NF4_7, _NF4_6)
+    l89 = tl.where(b0, _NF4_9, _NF4_8)
+    lab = tl.where(b0, _NF4_11, _NF4_10)
+    lcd = tl.where(b0, _NF4_13, _NF4_12)
+    lef = tl.where(b0, _NF4_15, _NF4_14)
+    l03 = tl.where(b1, l23, l01)
+    l47 = tl.where(b1, l67, l45)
+    l8b = tl.where(b1, lab, l89)
+    lcf = tl.where(b1, lef, lcd)
+    l07 = tl.where(b2, l47, l03)
+    l8f = tl.where(b2, lcf, l8b)
+    return tl.where(b3, l8f, l07).to(tl.float32)
 
 
 @triton.jit
@@ -32,7 +88,6 @@ def load_weight_tile(
     mins_ptr,
     absmax_scales_ptr,
     absmax_offset_ptr,
-    level_table_ptr,
     nested_table_ptr,
     offs_n,
     k0,
@@ -82,6 +137,5 @@ def load_weight_tile(
                 absmax = nested * block_scale + tl.load(absmax_offset_ptr)
             else:
                 absmax = tl.load(scales_ptr + block, mask=mask_n, other=0.0)
-            level = tl.load(level_table_ptr + q)
-            w = level * absmax[:, None]
+            w = _nf4_level(q) * absmax[:, None]
     return w
