@@ -267,6 +267,49 @@ def test_opcheck_custom_ops(fmt, lora, device):
     torch.library.opcheck(torch.ops.qlora_kernels.qlora_grad_input.default, (dy, *fields, a, b, 0.5))
 
 
+@pytest.mark.skipif(not qm._HAS_CUSTOM_OP, reason="this torch has no torch.library.custom_op")
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_no_graph_break(compile_backend, device):
+    """torch.compile(fullgraph=True) traces qlora_linear(backend="triton") through the custom
+    ops' fake impls (aot_eager: AOTAutograd on fake tensors; inductor: also its codegen around
+    the opaque ops), forward and backward; a graph break would raise."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    qt, a, b = _problem("nf4", {}, 64, 45, device)
+    a.requires_grad_()
+    x = _randn(3, 64, device=device, dtype=torch.bfloat16).requires_grad_()
+
+    def f(x):
+        return qlora_linear(x, qt, a, b, 0.5, backend="triton")
+
+    y = torch.compile(f, fullgraph=True, backend=compile_backend)(x)
+    y.float().square().sum().backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    y_ref = qlora_linear_ref(x.detach().float(), qt, a.detach(), b, 0.5)
+    assert y.dtype == torch.bfloat16
+    assert_close_by_norm(y.detach().float(), y_ref, REL_TOL[torch.bfloat16], f"compiled ({compile_backend})")
+    assert x.grad is not None and a.grad is not None and not torch.isnan(x.grad).any()
+    torch._dynamo.reset()
+
+
+def test_autocast_bf16_through_triton_backend(device):
+    """An fp32 x inside torch.autocast(bf16) on x's device runs the kernels in bf16: bf16 output
+    matching the reference on the bf16-rounded x, fp32 gradient for the fp32 leaf."""
+    qt, a, b = _problem("int4", {"group_size": 64}, 128, 45, device)
+    bias = _randn(45, device=device)
+    x = _randn(2, 3, 128, device=device).requires_grad_()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = qlora_linear(x, qt, a, b, 0.5, bias, backend="triton")
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 45)
+    ref = qlora_linear_ref(x.detach().to(torch.bfloat16).float(), qt, a, b, 0.5, bias)
+    assert_close_by_norm(y.float(), ref, REL_TOL[torch.bfloat16], "autocast bf16")
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and not torch.isnan(x.grad).any()
+
+
 def test_errors_name_the_problem(device):
     qt, a, b = _problem("int4", {}, 64, 20, device)
     with pytest.raises(ValueError, match="2-D"):
