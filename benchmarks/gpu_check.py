@@ -68,6 +68,39 @@ def check_correctness(fmt: str, n: int, k: int, m: int, device: str = "cuda") ->
     return errors
 
 
+def check_forward_configs(fmt: str, n: int, k: int, m: int, device: str = "cuda", configs=None) -> list[dict]:
+    """The fused forward with each config forced (default: every GPU config valid for this case,
+    split-K ones included) vs the fp32 reference, run twice: y and x @ A^T errors, and whether the
+    two runs are bitwise equal (split-K reduces in a fixed order: they must be)."""
+    from qlora_kernels.kernels import qlora_matmul as qm
+    from qlora_kernels.ops import qlora_linear_ref
+
+    qt, a, b, x = make_problem(fmt, n, k, m, device)
+    ref = qlora_linear_ref(x.float(), qt, a, b, SCALING)
+    xa_ref = x.float() @ a.float().t()
+    group, fmt_id = (qt.group_size if fmt != "int8" else 1), {"int8": 0, "int4": 1, "nf4": 2}[fmt]
+    if configs is None:
+        valid = lambda c: qm.config_is_valid(c, qm.MODE_FORWARD, group, fmt_id, qm.m_bucket(m), qm.lora_r_pad(RANK))
+        configs = [c for c in qm.gpu_configs(qm.MODE_FORWARD) if valid(c)]
+    tuned = qm._forward_tuned
+    saved = tuned.configs, tuned.cache
+    results = []
+    try:
+        for cfg in configs:
+            tuned.configs, tuned.cache = [cfg], {}
+            y1, xa1 = qm.qlora_forward_fused(x, qt, a, b, SCALING)
+            y2, xa2 = qm.qlora_forward_fused(x, qt, a, b, SCALING)
+            y_err, xa_err = rel_err(y1.float(), ref), rel_err(xa1, xa_ref)
+            results.append({
+                "format": fmt, "M": m, "config": str(cfg), "y": y_err, "xa": xa_err,
+                "reproducible": bool(torch.equal(y1, y2) and torch.equal(xa1, xa2)),
+                "ok": y_err <= BF16_REL_TOL and xa_err <= BF16_REL_TOL and torch.equal(y1, y2),
+            })  # fmt: skip
+    finally:
+        tuned.configs, tuned.cache = saved
+    return results
+
+
 def baseline_fns(w_bf16: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
     """bf16 F.linear + unfused LoRA (what a PEFT layer on a bf16 base computes)."""
 
@@ -81,6 +114,7 @@ def time_case(fmt: str, n: int, k: int, m: int) -> dict:
     """Median ms of forward and forward+backward, ours vs the bf16 baseline."""
     from triton.testing import do_bench
 
+    from qlora_kernels.kernels import qlora_matmul as qm
     from qlora_kernels.ops import qlora_linear
 
     qt, a, b, x = make_problem(fmt, n, k, m)
@@ -106,6 +140,8 @@ def time_case(fmt: str, n: int, k: int, m: int) -> dict:
     row["ours_fwdbwd_ms"] = do_bench(fb(ours_g), quantiles=[0.5], grad_to_none=[xg, al, bl])
     row["base_fwdbwd_ms"] = do_bench(fb(base_g), quantiles=[0.5], grad_to_none=[xg, al, bl])
     row = {k_: (v[0] if isinstance(v, (list, tuple)) else v) for k_, v in row.items()}
+    if m <= qm.FUSED_MAX_M:  # the config the autotuner chose for the fused forward (split-K or not)
+        row["fwd_config"] = str(qm._forward_tuned.best_config)
     row["speedup_fwd"] = row["base_fwd_ms"] / row["ours_fwd_ms"]
     row["speedup_fwdbwd"] = row["base_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
     return row
@@ -155,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
             errs = check_correctness(fmt, 1024, 2048, m)
             checks.append({"format": fmt, "M": m, **errs})
             print(f"check {fmt:5} M={m:<4} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items() if k != "ok"))
+        for m in (1, 16):  # every fused forward config, split-K included (its GPU memory ordering)
+            for res in check_forward_configs(fmt, 1024, 2048, m):
+                checks.append(res)
+                print(f"config {fmt:5} M={m:<3} y={res['y']:.2e} xa={res['xa']:.2e} "
+                      f"reproducible={res['reproducible']} {res['config']}")  # fmt: skip
     rows = []
     for fmt in args.formats:
         for n, k in shapes:

@@ -329,6 +329,10 @@ def test_gpu_check_script_cpu_parts(device):
     spec.loader.exec_module(gpu_check)
     errors = gpu_check.check_correctness("int4", 45, 256, 3, device=str(device))
     assert errors["ok"], errors
+    configs = [qm.INTERPRETER_CONFIG, qm.INTERPRETER_SPLIT_K_CONFIG]
+    results = gpu_check.check_forward_configs("nf4", 45, 128, 2, device=str(device), configs=configs)
+    assert [r["ok"] and r["reproducible"] for r in results] == [True, True], results
+    assert qm.kernel_configs(qm.MODE_FORWARD) == qm._forward_tuned.configs == [qm.INTERPRETER_CONFIG]
     row = {"format": "int4", "N": 1, "K": 2, "M": 3, "ours_fwd_ms": 1.0, "base_fwd_ms": 2.0, "speedup_fwd": 2.0}
     row.update({"ours_fwdbwd_ms": 1.0, "base_fwdbwd_ms": 1.0, "speedup_fwdbwd": 1.0})
     assert "| int4 | 1x2 | 3 |" in gpu_check.markdown_table([row])

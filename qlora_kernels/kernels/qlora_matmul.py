@@ -10,6 +10,13 @@ accumulates the LoRA down-projection (x @ A^T, or dy @ B) from the same activati
 epilogue adds the up-projection (side @ B^T, or side @ A) and the bias. W is never dense in
 memory on this path, and the backward decodes it again rather than keeping it from the forward.
 
+At M <= SPLIT_K_MAX_M the forward may also split K (SPLIT_K > 1 configs): SPLIT_K programs
+per output tile write fp32 partials, and the last of them to arrive (a per-tile atomic
+counter) sums them in split order and runs the epilogue once, so the result is reproducible
+bit for bit and the LoRA up-projection and bias are added exactly once (see SPLIT_K_MAX_M).
+Codegen of every config is checked without a GPU by benchmarks/kernel_report.py (registers,
+spills, 128-bit packed loads); no GPU timings exist yet, so the configs are not ranked here.
+
 Large M is compute bound: the packed weight is decoded once into a reused dense buffer
 (`dequantize_triton`) and cuBLAS does the matmul; LoRA is applied rank first with addmm.
 `TritonBackend` picks the path by M (`FUSED_MAX_M`, `FUSED_BWD_MAX_M`).
