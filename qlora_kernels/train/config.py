@@ -52,6 +52,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
+    time_budget_s: float = 0.0  # > 0: after the first steps, lower max_steps so training fits this many seconds
     dtype: str = "bf16"
     gradient_checkpointing: bool = False
     # bookkeeping
@@ -84,6 +85,7 @@ class TrainConfig:
             (self.r >= 1, "r", ">= 1"),
             (self.max_length >= 2, "max_length", ">= 2"),
             (self.grad_clip >= 0, "grad_clip", ">= 0 (0 disables clipping)"),
+            (self.time_budget_s >= 0, "time_budget_s", ">= 0 (0: no budget)"),
             (len(self.betas) == 2, "betas", "a list of two floats"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1"),
             (0 < self.lr_decay <= 1, "lr_decay", "in (0, 1]"),
@@ -175,4 +177,5 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
     else:
         return value
-    raise ConfigError(f"config key {key!r} expects {hint_s}, got {value!r} ({type(value).__name__})")
+    expected = getattr(hint, "__name__", hint_s)
+    raise ConfigError(f"config key {key!r} expects {expected}, got {value!r} ({type(value).__name__})")

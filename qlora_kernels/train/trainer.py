@@ -35,6 +35,7 @@ METRICS_FILE = "metrics.jsonl"
 ADAPTER_DIR = "adapter"
 CONFIG_FILE = "train_config.json"
 EXIT_INTERRUPTED = 130
+BUDGET_PROBE_STEPS = 3  # steps timed before a time budget may shorten the run (still inside warmup)
 
 
 class TrainingDiverged(RuntimeError):
@@ -183,6 +184,23 @@ def save_final_adapter(model: nn.Module, output_dir: Path) -> Path:
     return path
 
 
+def fit_to_time_budget(cfg: TrainConfig, step: int, seconds_per_step: float, bar: tqdm) -> None:
+    """Lower `cfg.max_steps` so the run ends within `cfg.time_budget_s` at the measured speed.
+
+    Called while still in warmup when possible: the warmup LRs do not depend on max_steps, so the
+    run is the one that `max_steps=<new value>` would have given.
+    """
+    affordable = int(cfg.time_budget_s / seconds_per_step)
+    if affordable < cfg.max_steps:
+        new = max(step + 1, affordable)
+        bar.write(
+            f"time budget {cfg.time_budget_s:.0f}s at {seconds_per_step:.1f}s/step: max_steps {cfg.max_steps} -> {new}"
+        )
+        cfg.max_steps = new
+        bar.total = new
+        bar.refresh()
+
+
 class _InterruptFlag:
     """Turns the first SIGINT into a flag checked after each step; a second one aborts at once."""
 
@@ -293,6 +311,7 @@ def train(
     losses: list[float] = []
     loss_value = float("nan")
     interrupted = False
+    start_step = step
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
     t_start = time.perf_counter()
     with _InterruptFlag() as interrupt:
@@ -341,6 +360,8 @@ def train(
             }
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 _append_metrics(metrics_path, record)
+            if cfg.time_budget_s and step == start_step + BUDGET_PROBE_STEPS:
+                fit_to_time_budget(cfg, step, (time.perf_counter() - t_start) / BUDGET_PROBE_STEPS, bar)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
             bar.update(1)
 
