@@ -134,3 +134,19 @@ def test_config_file_overrides_and_errors(tmp_path):
 def test_tokenizer_fixture_pads_with_eos():
     tok = load_tokenizer()
     assert tok.pad_token == tok.eos_token == "<|im_end|>"
+
+
+def test_time_budget_lowers_max_steps_only_when_needed():
+    from tqdm import tqdm
+
+    from qlora_kernels.train.trainer import fit_to_time_budget
+
+    cfg = TrainConfig(max_steps=80, time_budget_s=100.0)
+    bar = tqdm(total=80, disable=True)
+    fit_to_time_budget(cfg, 0, 3, 2.0, bar)  # 2 s/step: 50 steps fit
+    assert cfg.max_steps == 50
+    fit_to_time_budget(cfg, 0, 6, 1.0, bar)  # faster now: never raised again
+    assert cfg.max_steps == 50
+    resumed = TrainConfig(max_steps=80, time_budget_s=100.0)
+    fit_to_time_budget(resumed, 40, 43, 4.0, bar)  # the budget counts from the resumed step
+    assert resumed.max_steps == 65

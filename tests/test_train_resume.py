@@ -97,5 +97,6 @@ def test_interrupt_and_kill_then_resume_equals_an_uninterrupted_run(tmp_path):
 
     expected, got = _losses(tmp_path / "straight"), _losses(tmp_path / "broken")
     assert sorted(got) == list(range(1, MAX_STEPS + 1))
-    for step in expected:
-        assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got[step], expected[step])
+    worst = max(abs(got[s] - expected[s]) / abs(expected[s]) for s in expected)
+    print(f"resume equivalence: {len(expected)} steps, worst relative loss difference {worst:.2e}")
+    assert worst <= 1e-5, {s: (got[s], expected[s]) for s in expected}

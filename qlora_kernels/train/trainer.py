@@ -184,14 +184,15 @@ def save_final_adapter(model: nn.Module, output_dir: Path) -> Path:
     return path
 
 
-def fit_to_time_budget(cfg: TrainConfig, step: int, seconds_per_step: float, bar: tqdm) -> None:
+def fit_to_time_budget(cfg: TrainConfig, start_step: int, step: int, seconds_per_step: float, bar: tqdm) -> None:
     """Lower `cfg.max_steps` so the run ends within `cfg.time_budget_s` at the measured speed.
 
-    Called while still in warmup when possible: the warmup LRs do not depend on max_steps, so the
-    run is the one that `max_steps=<new value>` would have given.
+    First called while still in warmup: the warmup LRs do not depend on max_steps, so the run is
+    the one `max_steps=<new value>` would have given. Later calls (every few steps, when the
+    machine got slower) shorten the cosine tail, a small jump down in LR.
     """
-    affordable = int(cfg.time_budget_s / seconds_per_step)
-    if affordable < cfg.max_steps:
+    affordable = start_step + int(cfg.time_budget_s / seconds_per_step)  # the budget counts from this start
+    if affordable < cfg.max_steps - (cfg.max_steps - step) // 10:  # ignore small slips (it re-checks)
         new = max(step + 1, affordable)
         bar.write(
             f"time budget {cfg.time_budget_s:.0f}s at {seconds_per_step:.1f}s/step: max_steps {cfg.max_steps} -> {new}"
@@ -360,8 +361,9 @@ def train(
             }
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 _append_metrics(metrics_path, record)
-            if cfg.time_budget_s and step == start_step + BUDGET_PROBE_STEPS:
-                fit_to_time_budget(cfg, step, (time.perf_counter() - t_start) / BUDGET_PROBE_STEPS, bar)
+            done = step - start_step
+            if cfg.time_budget_s and done >= BUDGET_PROBE_STEPS and done % BUDGET_PROBE_STEPS == 0:
+                fit_to_time_budget(cfg, start_step, step, (time.perf_counter() - t_start) / done, bar)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
             bar.update(1)
 
