@@ -1,16 +1,24 @@
 """Peak memory of one training step of a stack of QLoRA layers: ours vs bitsandbytes + PEFT.
 
 Each measurement runs in a fresh subprocess so the peak resident set size (CPU) or
-`max_memory_allocated` (CUDA) belongs to that provider alone.
+`max_memory_allocated` (CUDA) belongs to that provider alone. On the CPU two peaks are kept:
+`peak_mb`, the process's high-water mark (building and quantizing the layers included), and
+`step_peak_mb`, the high-water mark of the training step alone (Linux resets it when "5" is
+written to /proc/self/clear_refs, done right before the step); `step_extra_mb` is what the step
+added on top of the resident set before it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 STACK_LAYERS = 8
 HIDDEN = 2048
@@ -25,6 +33,17 @@ device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 g = torch.Generator().manual_seed(0)
 def base_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def hwm_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return base_rss_mb()
+def reset_hwm():
+    try:
+        open("/proc/self/clear_refs", "w").write("5")
+        return True
+    except OSError:
+        return False
 blocks = []
 for _ in range(layers):
     w = torch.randn(hidden, hidden, generator=g) * 0.02
@@ -46,6 +65,8 @@ del w
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=1e-4) if params else None
 after_load = base_rss_mb()
+current = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
+reset = reset_hwm()
 if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
 x = torch.randn(tokens, hidden, generator=g).to(device, torch.bfloat16).requires_grad_()
@@ -53,21 +74,29 @@ model(x).float().square().mean().backward()
 if opt:
     opt.step()
 peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else base_rss_mb()
-print(json.dumps({"provider": provider, "peak_mb": peak, "after_load_mb": after_load}))
+step_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else hwm_mb()
+print(json.dumps({"provider": provider, "peak_mb": peak, "after_load_mb": after_load, "rss_before_step_mb": current,
+                  "step_peak_mb": step_peak, "step_extra_mb": step_peak - current, "hwm_reset": reset}))
 """
 
 
 def measure(provider: str) -> dict:
+    """One provider's step in a fresh process (repo root on PYTHONPATH); the child's JSON line."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, provider, str(STACK_LAYERS), str(HIDDEN), str(TOKENS)],
         capture_output=True,
         text=True,
         check=True,
+        cwd=REPO_ROOT,
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_memory_suite() -> list[dict]:
+    """Ours, bitsandbytes + PEFT and a frozen bf16 stack (no LoRA: the dense reference), one process each."""
     rows = []
     for provider in ("ours", "bnb+peft", "bf16-frozen"):
         try:
@@ -78,6 +107,7 @@ def run_memory_suite() -> list[dict]:
 
 
 def bytes_per_param() -> list[dict]:
+    """Bits per parameter of each weight format (scales included) on a 4096x4096 weight."""
     import qlora_kernels as qk
 
     w = torch.randn(4096, 4096)

@@ -1,4 +1,4 @@
-"""Command line: ``qlora-kernels info | train | eval | merge | demo``.
+"""Command line: ``qlora-kernels info | train | eval | merge | demo | bench``.
 
 Exit codes: 0 ok, 1 failure, 2 bad usage (arguments, config, data files), 3 training diverged
 (NaN/inf loss; the last good checkpoint is kept), 130 interrupted (a checkpoint was saved).
@@ -66,7 +66,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_MODEL = "smollm2-135m-instruct"
-HEAVY_COMMANDS = ("train", "eval", "merge", "demo")
+HEAVY_COMMANDS = ("train", "eval", "merge", "demo", "bench")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -153,6 +153,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _benchmarks_root() -> Path:
+    """The source checkout holding ``benchmarks/`` (not an installed package): the parent of this package's folder."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "suite.py").is_file():
+        raise FileNotFoundError(
+            f"qlora-kernels bench needs a source checkout with benchmarks/ (looked in {root}); "
+            "clone the repository and install it editable: scripts/bootstrap.sh or pip install -e '.[dev,peers]'"
+        )
+    return root
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark suite of the source checkout (benchmarks/suite.py) and write its results."""
+    root = str(_benchmarks_root())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.suite import main as bench_main
+
+    argv = ["--suite", args.suite, "--rounds", str(args.rounds)] + (["--out", args.out] if args.out else [])
+    return bench_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlora-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -190,6 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-eval", type=int, default=40, help="held-out examples (default 40)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training key")
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmark suites (needs a source checkout): cpu, methods, gpu")
+    bench.add_argument(
+        "--suite",
+        choices=("cpu", "methods", "gpu"),
+        default="cpu",
+        help="cpu: layers, memory, SFT step vs TRL, dequant (< 15 min on 2 cores); methods: the lecture's "
+        "method comparison (~25 min); gpu: the suites on CUDA",
+    )
+    bench.add_argument("--out", help="result folder (default benchmarks/results/cpu, or the GPU's name)")
+    bench.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per layer case")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

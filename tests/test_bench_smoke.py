@@ -1,0 +1,127 @@
+"""Fast checks of the benchmark code paths (no timing asserts): imports, summary rows, reports, plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import methods_report, sft, sft_child, suite  # noqa: E402
+from benchmarks.layers import LayerCase  # noqa: E402
+from benchmarks.run_layers import case_flops, cases, run_layer_suite  # noqa: E402
+
+
+def _layer_rows() -> list[dict]:
+    return [
+        {"case": "nf4 64x64 M=1 fwd+bwd", "fmt": "nf4", "k": 64, "n": 64, "m": 1, "mode": "fwd+bwd", "ours_ms": 1.0,
+         "bf16+lora_ms": 1.5, "bnb+peft_ms": 2.0},
+        {"case": "nf4 64x64 M=16 fwd+bwd", "fmt": "nf4", "k": 64, "n": 64, "m": 16, "mode": "fwd+bwd", "ours_ms": 3.0,
+         "bf16+lora_ms": 2.0, "bnb+peft_ms": 2.0},
+        {"case": "nf4 64x64 M=1 fwd", "fmt": "nf4", "k": 64, "n": 64, "m": 1, "mode": "fwd", "ours_ms": 0.5,
+         "bf16+lora_ms": 0.4, "bnb+peft_ms": 0.6},
+    ]  # fmt: skip
+
+
+MEMORY_ROWS = [
+    {"provider": "ours", "peak_mb": 400.0, "step_peak_mb": 410.0, "rss_before_step_mb": 390.0, "step_extra_mb": 20.0},
+    {
+        "provider": "bnb+peft",
+        "peak_mb": 600.0,
+        "step_peak_mb": 620.0,
+        "rss_before_step_mb": 560.0,
+        "step_extra_mb": 60.0,
+    },
+]
+E2E_ROWS = [
+    {"label": "ours qlora nf4", "tokens_per_s": 300.0, "train_peak_rss_mb": 3000.0, "peak_rss_mb": 3100.0,
+     "batch_size": 8, "max_length": 256, "measured_steps": 4, "warmup_steps": 2},
+    {"label": "trl+peft+bnb nf4", "tokens_per_s": 200.0, "train_peak_rss_mb": 5000.0, "peak_rss_mb": 5100.0},
+    {"label": "trl+peft lora bf16", "error": "boom"},
+]  # fmt: skip
+
+
+def test_summary_rows_have_required_keys(tmp_path: Path) -> None:
+    rows = suite.cpu_targets(_layer_rows(), MEMORY_ROWS, E2E_ROWS) + suite.gpu_placeholder_rows()
+    assert len(rows) == 8
+    for row in rows:
+        assert set(suite.SUMMARY_KEYS) <= set(row)
+    gpu = [r for r in rows if r["name"].startswith("gpu:")]
+    assert all(r["met"] is None and r["note"] == suite.NO_GPU_NOTE for r in gpu)
+    layer, memory, speed, peak = rows[:4]
+    assert layer["ratio"] == pytest.approx((2.0 * 2.0) ** 0.5 / (1.0 * 3.0) ** 0.5)  # geomeans, fwd+bwd only
+    assert "1/2 cases" in layer["note"]
+    assert memory["met"] is True and speed["ratio"] == pytest.approx(1.5) and peak["met"] is True
+    path = suite.write_summary(rows, tmp_path)
+    data = json.loads(path.read_text())
+    assert {"meta", "targets"} <= set(data) and data["meta"]["git_commit"]
+    assert (tmp_path / "summary.md").is_file()
+
+
+def test_summary_without_measurements_is_null() -> None:
+    rows = suite.cpu_targets([], [], [])
+    assert [r["met"] for r in rows] == [None] * 4
+    with pytest.raises(ValueError, match="lacks"):
+        suite.write_summary([{"name": "x"}], Path("/nonexistent"))
+
+
+def test_layer_suite_runs_on_a_tiny_case() -> None:
+    assert cases(torch.device("cpu"))  # the CPU grid is non-empty
+    rows = run_layer_suite(torch.device("cpu"), rounds=1, case_list=[LayerCase(64, 32, 2, "int8", "fwd+bwd")])
+    assert rows[0]["ours_ms"] > 0 and "speedup_vs_bf16+lora" in rows[0]
+    assert case_flops(LayerCase(64, 32, 2, "nf4", "fwd")) > 0
+
+
+def test_plots_and_methods_report(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    suite.plot_layers(_layer_rows(), tmp_path)
+    suite.plot_memory(MEMORY_ROWS, E2E_ROWS, tmp_path)
+    sft.plot_e2e(E2E_ROWS, tmp_path / "e2e.png")
+    common = {"steps": 2, "n_eval": 20, "step_seconds": 1.0, "adapter_bytes": 1000, "peak_rss_mb": 1.0}
+    methods = [
+        ("full", "none", 1_000_000, 0.5, 1.0, 900.0),
+        ("partial", "none", 100_000, 0.3, 1.0, 700.0),
+        ("lora", "none", 10_000, 0.45, 1.0, 500.0),
+        ("qlora", "nf4", 10_000, 0.4, 1.0, 400.0),
+        ("adapter", "none", 20_000, 0.35, 1.0, 450.0),
+        ("prompt", "none", 100, 0.0, 0.2, 300.0),
+    ]
+    rows = [
+        {**common, "label": m, "method": m, "quant": q, "trainable_params": p, "exact": e, "format": f,
+         "train_peak_rss_mb": mem}
+        for m, q, p, e, f, mem in methods
+    ]  # fmt: skip
+    sft.plot_accuracy_vs_params(rows, tmp_path / "acc.png")
+    checked = {c["claim"]: c["holds"] for c in methods_report.claims(rows)}
+    assert checked["Prompt tuning is weaker than adapters and LoRA"] == "yes"
+    assert checked["4-bit (QLoRA NF4) saves memory compared with a 16-bit base"] == "yes"
+    payload = {"rows": rows, "settings": {**sft.METHODS}, "meta": suite.run_metadata(), "seconds": 60.0}
+    path = methods_report.write_markdown(payload, tmp_path / "methods.md")
+    path.write_text(path.read_text() + "kept note\n")
+    methods_report.write_markdown(payload, path)
+    assert "kept note" in path.read_text()
+    for name in ("layers_time_vs_m.png", "memory_bars.png", "e2e.png", "acc.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_child_helpers() -> None:
+    t = sft_child.throughput([100, 200, 300], [1.0, 1.0, 2.0], warmup_steps=1)
+    assert t["tokens_per_s"] == pytest.approx(500 / 3) and t["measured_steps"] == 2
+    with pytest.raises(ValueError):
+        sft_child.throughput([1], [1.0], warmup_steps=1)
+    assert sft_child.peak_rss_mb() > 0
+    assert sft.child_env()["PYTHONPATH"].startswith(str(ROOT))
+
+
+def test_cli_bench_parser() -> None:
+    from qlora_kernels.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--suite", "methods", "--out", "x"])
+    assert args.suite == "methods" and args.out == "x" and args.func.__name__ == "cmd_bench"
+    assert suite.build_parser().parse_args(["--suite", "cpu"]).rounds == 5
