@@ -37,7 +37,7 @@ def test_no_command_and_bad_arguments_are_usage_errors(tmp_path, capsys):
     assert "'lr' expects" in capsys.readouterr().err
 
 
-def test_train_then_eval_an_adapter_on_a_tiny_model(tmp_path, capsys):
+def test_train_then_eval_and_merge_an_adapter_on_a_tiny_model(tmp_path, capsys):
     train_file, eval_file = write_expense_data(tmp_path / "data", n_train=8, n_eval=4)
     config = tmp_path / "c.yaml"
     settings = {
@@ -58,3 +58,6 @@ def test_train_then_eval_an_adapter_on_a_tiny_model(tmp_path, capsys):
     assert code == 0
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["n_eval"] == 4 and 0 <= scores["format"] <= 1 and 0 <= scores["exact"] <= 1
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(tmp_path / "run" / "adapter"), "--out", str(merged)]) == 0
+    assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()

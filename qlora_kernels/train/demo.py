@@ -22,8 +22,10 @@ N_TRAIN = 1000  # more lists than the run sees: each step draws fresh ones
 N_EVAL = 40
 N_SHOTS = 3
 TOTAL_BUDGET_S = 600  # the demo's promise: done within 10 minutes, model load included
-SAFETY_S = 30
+SAFETY_S = 45  # the final evaluation and the report, plus slack for a machine that slows down
 MIN_TRAIN_S = 60
+TARGET_FORMAT, TARGET_EXACT = 0.95, 0.50  # the issue's targets, shown (never asserted) in the report
+METHOD_NAMES = {"qlora": "QLoRA", "lora": "LoRA", "full": "full", "partial": "partial", "adapter": "adapter"}
 EVAL_BATCH = 40  # one batch: decoding is bound by reading the weights, rows are nearly free
 DEMO_CONFIG: dict[str, Any] = {
     "model": "smollm2-135m-instruct",
@@ -183,7 +185,10 @@ def render_report(
 ) -> str:
     """report.md: the before/after table, cost, settings and a few outputs."""
     pct = lambda x: f"{100 * x:.1f}%"
+    yes = lambda ok: "met" if ok else "not met"
+    method = METHOD_NAMES.get(cfg.method, cfg.method)
     b, a = metrics["before"], metrics["after"]
+    exact_ok = a["exact"] >= TARGET_EXACT and a["exact"] > b["few_shot"]["exact"]
     style_text = {
         "worked": 'worked (running sum, then "Итого: X рублей.")',
         "answer": 'answer only ("Итого: X рублей.")',
@@ -199,7 +204,11 @@ def render_report(
         "|---|---|---|",
         f"| base, zero-shot | {pct(b['zero_shot']['format'])} | {pct(b['zero_shot']['exact'])} |",
         f"| base, {n_shots}-shot prompting | {pct(b['few_shot']['format'])} | {pct(b['few_shot']['exact'])} |",
-        f"| {cfg.method.upper()} fine-tuned, zero-shot | {pct(a['format'])} | {pct(a['exact'])} |",
+        f"| {method} fine-tuned, zero-shot | {pct(a['format'])} | {pct(a['exact'])} |",
+        "",
+        f"Targets: format >= {pct(TARGET_FORMAT)} after training: **{yes(a['format'] >= TARGET_FORMAT)}**; exact >= "
+        f"{pct(TARGET_EXACT)} and above few-shot: **{yes(exact_ok)}**"
+        f"; whole demo <= {TOTAL_BUDGET_S} s: **{yes(total_seconds <= TOTAL_BUDGET_S)}**.",
         "",
         f"- training: {cfg.max_steps} steps x {cfg.batch_size * cfg.grad_accum} examples "
         f"(time budget {cfg.time_budget_s:.0f} s: max_steps is lowered after 3 steps if the budget needs it), "
