@@ -33,7 +33,7 @@ E2E_RUNS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 #: The methods suite's budget: the same for every method.
-METHODS = {"batch_size": 8, "max_length": 256, "steps": 30, "warmup_steps": 2, "eval_n": 20}
+METHODS = {"batch_size": 8, "max_length": 256, "steps": 20, "warmup_steps": 2, "eval_n": 20}
 #: (label, spec): method, quant, LR (each method's usual LR range; recorded in the table) and extras.
 METHOD_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("full SFT", {"method": "full", "quant": "none", "lr": 1e-4, "model_dtype": "fp32"}),

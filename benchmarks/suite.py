@@ -267,8 +267,20 @@ def _gpu_note(device: torch.device) -> str:
     return NO_GPU_NOTE if device.type != "cuda" else "measured by benchmarks/gpu_check.py on this card"
 
 
-def run_cpu_like(device: torch.device, out_dir: Path, rounds: int = 5, e2e: bool = True, dequant: bool = True) -> Path:
-    """Layer, memory, SFT-step and dequant suites on `device`; tables, plots and summary.json into `out_dir`."""
+def run_cpu_like(
+    device: torch.device,
+    out_dir: Path,
+    rounds: int = 5,
+    e2e: bool = True,
+    dequant: bool = True,
+    layer_threads: int = 0,
+) -> Path:
+    """Layer, memory, SFT-step and dequant suites on `device`; tables, plots and summary.json into `out_dir`.
+
+    layer_threads > 0 runs the machine peaks and the layer suite with that many torch threads
+    (1 is the robust per-core figure on a shared machine: a single thread never waits for a
+    descheduled partner at a barrier); the SFT runs always use torch's default.
+    """
     from benchmarks import sft
 
     t0 = time.perf_counter()
@@ -276,10 +288,15 @@ def run_cpu_like(device: torch.device, out_dir: Path, rounds: int = 5, e2e: bool
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"[bench] load average {os.getloadavg()[0]:.2f}; results into {out_dir}", flush=True)
 
-    peaks = machine_peaks(device)
+    default_threads = torch.get_num_threads()
+    if layer_threads:
+        torch.set_num_threads(layer_threads)
+    peaks = {**machine_peaks(device), "threads": torch.get_num_threads()}
     print(f"[bench] peaks: {peaks}", flush=True)
     layer_rows = run_layer_suite(device, rounds=rounds, peaks=peaks)
-    write_report("layers", layer_rows, markdown_table(layer_rows, LAYER_COLUMNS), out_dir, extra={"peaks": peaks})
+    layer_meta = {"peaks": peaks, "threads": torch.get_num_threads()}
+    torch.set_num_threads(default_threads)
+    write_report("layers", layer_rows, markdown_table(layer_rows, LAYER_COLUMNS), out_dir, extra=layer_meta)
     plot_layers(layer_rows, out_dir)
     timings["layers_s"] = time.perf_counter() - t0
 
@@ -361,14 +378,14 @@ def run_methods(out_dir: Path, steps: int | None = None, eval_n: int | None = No
     return out_dir
 
 
-def run(suite: str, out_dir: Path | None = None, rounds: int = 5) -> Path:
+def run(suite: str, out_dir: Path | None = None, rounds: int = 5, layer_threads: int = 0) -> Path:
     """Run one suite; returns the result folder."""
     if suite == "gpu" and not torch.cuda.is_available():
         raise SystemExit("bench --suite gpu needs a CUDA GPU; use --suite cpu here (or benchmarks/gpu_check.py)")
     out_dir = out_dir or RESULTS_DIR / ("cpu" if suite in ("cpu", "methods") else machine_name())
     if suite == "methods":
         return run_methods(out_dir)
-    return run_cpu_like(torch.device("cuda" if suite == "gpu" else "cpu"), out_dir, rounds)
+    return run_cpu_like(torch.device("cuda" if suite == "gpu" else "cpu"), out_dir, rounds, layer_threads=layer_threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -378,12 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suite", choices=("cpu", "methods", "gpu"), default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="result folder (default benchmarks/results/cpu)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per layer case")
+    parser.add_argument(
+        "--layer-threads",
+        type=int,
+        default=0,
+        help="torch threads for the layer suite (0: default; 1: robust on a busy machine)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    print(run(args.suite, args.out, args.rounds))
+    print(run(args.suite, args.out, args.rounds, args.layer_threads))
     return 0
 
 

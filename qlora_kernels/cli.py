@@ -171,7 +171,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sys.path.insert(0, root)
     from benchmarks.suite import main as bench_main
 
-    argv = ["--suite", args.suite, "--rounds", str(args.rounds)] + (["--out", args.out] if args.out else [])
+    argv = ["--suite", args.suite, "--rounds", str(args.rounds), "--layer-threads", str(args.layer_threads)]
+    argv += ["--out", args.out] if args.out else []
     return bench_main(argv)
 
 
@@ -223,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--out", help="result folder (default benchmarks/results/cpu, or the GPU's name)")
     bench.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per layer case")
+    bench.add_argument(
+        "--layer-threads",
+        type=int,
+        default=0,
+        help="torch threads for the layer suite (0: default; 1: robust when busy)",
+    )
     bench.set_defaults(func=cmd_bench)
     return parser
 
