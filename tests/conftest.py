@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning made small
+# matmuls ~30x slower. Must be set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # Must be set before any @triton.jit decorator runs, i.e. before the kernel modules import.
 if not os.environ.get("QK_TEST_ON_GPU"):
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -161,6 +161,7 @@ def prepare(model: nn.Module, cfg: TrainConfig, tokenizer: Any) -> None:
         model,
         cfg.method,
         quant=cfg.quant_format,
+        compute_dtype=cfg.torch_model_dtype,  # frozen weights stay in the dtype they were loaded in
         gradient_checkpointing=cfg.gradient_checkpointing,
         **options.get(cfg.method, {}),
     )
