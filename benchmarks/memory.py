@@ -2,7 +2,8 @@
 
 Each measurement runs in a fresh subprocess so the peak resident set size (CPU) or
 `max_memory_allocated` (CUDA) belongs to that provider alone. On the CPU two peaks are kept:
-`peak_mb`, the process's high-water mark (building and quantizing the layers included), and
+`peak_mb`, the process's high-water mark (building and quantizing the layers included; read from
+VmHWM, which starts fresh at exec, unlike ru_maxrss, which Linux carries over from the parent), and
 `step_peak_mb`, the high-water mark of the training step alone (Linux resets it when "5" is
 written to /proc/self/clear_refs, done right before the step); `step_extra_mb` is what the step
 added on top of the resident set before it.
@@ -64,7 +65,7 @@ model = nn.Sequential(*blocks).to(device)
 del w
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-after_load = base_rss_mb()
+after_load = hwm_mb()  # VmHWM starts fresh at exec; ru_maxrss would carry the parent's peak over
 current = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
 reset = reset_hwm()
 if device.type == "cuda":
@@ -73,8 +74,8 @@ x = torch.randn(tokens, hidden, generator=g).to(device, torch.bfloat16).requires
 model(x).float().square().mean().backward()
 if opt:
     opt.step()
-peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else base_rss_mb()
 step_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else hwm_mb()
+peak = step_peak if device.type == "cuda" else max(after_load, step_peak)
 print(json.dumps({"provider": provider, "peak_mb": peak, "after_load_mb": after_load, "rss_before_step_mb": current,
                   "step_peak_mb": step_peak, "step_extra_mb": step_peak - current, "hwm_reset": reset}))
 """

@@ -26,6 +26,7 @@ from typing import Any
 
 def reset_peak_rss() -> bool:
     """Reset this process's RSS high-water mark (Linux); False where the kernel does not allow it."""
+    _PEAK_BEFORE_RESET[0] = max(_PEAK_BEFORE_RESET[0], peak_rss_mb())
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -44,9 +45,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+_PEAK_BEFORE_RESET = [0.0]
+
+
 def process_peak_rss_mb() -> float:
-    """ru_maxrss: the process's peak RSS since it started (never reset), in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's peak RSS since exec in MiB: the larger of VmHWM now and VmHWM when it was reset.
+
+    Not ru_maxrss: Linux carries that over from the parent across fork + exec.
+    """
+    return max(_PEAK_BEFORE_RESET[0], peak_rss_mb())
 
 
 def throughput(step_tokens: list[int], step_seconds: list[float], warmup_steps: int) -> dict[str, float]:
