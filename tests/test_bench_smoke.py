@@ -125,3 +125,12 @@ def test_cli_bench_parser() -> None:
     args = build_parser().parse_args(["bench", "--suite", "methods", "--out", "x"])
     assert args.suite == "methods" and args.out == "x" and args.func.__name__ == "cmd_bench"
     assert suite.build_parser().parse_args(["--suite", "cpu"]).rounds == 5
+
+
+def test_readme_tables_render(tmp_path: Path) -> None:
+    from benchmarks import readme_tables
+
+    assert readme_tables.render(tmp_path) == ""  # nothing measured yet: nothing pasted
+    rows = suite.cpu_targets(_layer_rows(), MEMORY_ROWS, E2E_ROWS)
+    suite.write_summary(rows, tmp_path, extra={"suite_seconds": {"total_s": 60.0}})
+    assert "Targets" in readme_tables.render(tmp_path)
