@@ -37,7 +37,10 @@ METHODS = {"batch_size": 8, "max_length": 256, "steps": 20, "warmup_steps": 2, "
 #: (label, spec): method, quant, LR (each method's usual LR range; recorded in the table) and extras.
 METHOD_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("full SFT", {"method": "full", "quant": "none", "lr": 1e-4, "model_dtype": "fp32"}),
-    ("partial top-2 blocks", {"method": "partial", "quant": "none", "lr": 3e-4, "extra": {"policy": "top_k", "k": 2}}),
+    (
+        "partial top-2 blocks",
+        {"method": "partial", "quant": "none", "lr": 3e-4, "model_dtype": "fp32", "extra": {"policy": "top_k", "k": 2}},
+    ),
     ("LoRA r16 (bf16 base)", {"method": "lora", "quant": "none", "lr": 1e-3}),
     ("QLoRA NF4 r16", {"method": "qlora", "quant": "nf4", "lr": 1e-3}),
     ("QLoRA int4 r16", {"method": "qlora", "quant": "int4", "lr": 1e-3}),
