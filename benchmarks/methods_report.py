@@ -121,7 +121,8 @@ def write_markdown(payload: dict[str, Any], path: Path) -> Path:
         "process per method: 'train peak' from the first step to the last, 'process peak' including model load. "
         f"s / step averages the steps after the first {settings['warmup_steps']}. Command: "
         "`qlora-kernels bench --suite methods` "
-        f"({payload['seconds'] / 60:.0f} min).",
+        f"({payload['seconds'] / 60:.0f} min)."
+        + "".join(f" Rerun later: {', '.join(r['labels'])} ({r['date']})." for r in payload.get("reruns", [])),
         "",
         markdown_table(shown, METHOD_COLUMNS),
         "",

@@ -361,16 +361,32 @@ def run_dequant_quick(out_dir: Path) -> None:
     (out_dir / "dequant_quick.md").write_text(bench_dequant_cpu.to_markdown(result))
 
 
-def run_methods(out_dir: Path, steps: int | None = None, eval_n: int | None = None) -> Path:
-    """The lecture's method comparison; methods.{json,md} and accuracy_vs_params.png into `out_dir`."""
+def run_methods(
+    out_dir: Path, steps: int | None = None, eval_n: int | None = None, only: list[str] | None = None
+) -> Path:
+    """The lecture's method comparison; methods.{json,md} and accuracy_vs_params.png into `out_dir`.
+
+    only: labels of METHOD_RUNS to rerun; their rows replace those of the existing methods.json
+    (same budget), the others are kept and the rerun is recorded in "reruns".
+    """
     from benchmarks import methods_report, sft
 
     budget = {k: v for k, v in (("steps", steps), ("eval_n", eval_n)) if v}
     t0 = time.perf_counter()
-    rows = sft.run_methods_suite(**budget)
+    runs = [r for r in sft.METHOD_RUNS if not only or r[0] in only]
+    if only and len(runs) != len(only):
+        raise SystemExit(f"--only: unknown label(s); known: {[r[0] for r in sft.METHOD_RUNS]}")
+    rows = sft.run_methods_suite(runs, **budget)
     settings = {**sft.METHODS, **budget}
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"meta": run_metadata(), "settings": settings, "seconds": time.perf_counter() - t0, "rows": rows}
+    if only:
+        previous = json.loads((out_dir / "methods.json").read_text())
+        fresh = {r["label"]: r for r in rows}
+        rows = [fresh.get(r["label"], r) for r in previous["rows"]]
+        rows += [r for label, r in fresh.items() if label not in {p["label"] for p in previous["rows"]}]
+        reruns = previous.get("reruns", []) + [{"labels": only, "date": payload["meta"]["date"]}]
+        payload = {**previous, "rows": rows, "reruns": reruns, "seconds": previous["seconds"] + payload["seconds"]}
     (out_dir / "methods.json").write_text(json.dumps(payload, indent=2) + "\n")
     methods_report.write_markdown(payload, out_dir / "methods.md")
     sft.plot_accuracy_vs_params(rows, out_dir / "accuracy_vs_params.png")
@@ -378,13 +394,15 @@ def run_methods(out_dir: Path, steps: int | None = None, eval_n: int | None = No
     return out_dir
 
 
-def run(suite: str, out_dir: Path | None = None, rounds: int = 5, layer_threads: int = 0) -> Path:
+def run(
+    suite: str, out_dir: Path | None = None, rounds: int = 5, layer_threads: int = 0, only: list[str] | None = None
+) -> Path:
     """Run one suite; returns the result folder."""
     if suite == "gpu" and not torch.cuda.is_available():
         raise SystemExit("bench --suite gpu needs a CUDA GPU; use --suite cpu here (or benchmarks/gpu_check.py)")
     out_dir = out_dir or RESULTS_DIR / ("cpu" if suite in ("cpu", "methods") else machine_name())
     if suite == "methods":
-        return run_methods(out_dir)
+        return run_methods(out_dir, only=only)
     return run_cpu_like(torch.device("cuda" if suite == "gpu" else "cpu"), out_dir, rounds, layer_threads=layer_threads)
 
 
@@ -401,12 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="torch threads for the layer suite (0: default; 1: robust on a busy machine)",
     )
+    parser.add_argument(
+        "--only", action="append", default=None, metavar="LABEL", help="methods suite: rerun these methods only"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    print(run(args.suite, args.out, args.rounds, args.layer_threads))
+    print(run(args.suite, args.out, args.rounds, args.layer_threads, args.only))
     return 0
 
 
