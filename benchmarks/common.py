@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.metadata
 import json
 import os
 import platform
@@ -15,14 +14,9 @@ from pathlib import Path
 
 import torch
 
+from qlora_kernels.cli import package_version
+
 RESULTS_DIR = Path(__file__).parent / "results"
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def machine_name() -> str:
@@ -46,7 +40,7 @@ def run_metadata() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
-        "versions": {p: _version(p) for p in ("torch", "triton", "transformers", "bitsandbytes", "peft", "trl")},
+        "versions": {p: package_version(p) for p in ("torch", "triton", "transformers", "bitsandbytes", "peft", "trl")},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit,
         # The machine may be shared: the 1/5/15-minute load averages when the report was written.

@@ -46,6 +46,18 @@ FORMAT_ID = {"int8": 0, "int4": 1, "nf4": 2}
 DATA_TYPE = {"int8": "*i8", "int4": "*u8", "nf4": "*u8"}
 
 
+def weight_pointer_types(fmt: str) -> dict[str, str]:
+    """Triton signature types of the packed-weight pointers every kernel takes (see weight_kernel_args)."""
+    return {
+        "data_ptr": DATA_TYPE[fmt],
+        "scales_ptr": {"int8": "*fp32", "int4": "*fp16", "nf4": "*u8"}[fmt],
+        "mins_ptr": "*fp16" if fmt == "int4" else "*fp32",
+        "absmax_scales_ptr": "*fp32",
+        "absmax_offset_ptr": "*fp32",
+        "nested_table_ptr": "*fp32",
+    }
+
+
 @dataclasses.dataclass
 class Row:
     kernel: str
@@ -203,12 +215,7 @@ def matmul_values(mode: int, fmt: str, group: int, elem: str) -> dict:
     forward = mode == qlora_matmul.MODE_FORWARD
     return {
         "act_ptr": elem,
-        "data_ptr": DATA_TYPE[fmt],
-        "scales_ptr": {"int8": "*fp32", "int4": "*fp16", "nf4": "*u8"}[fmt],
-        "mins_ptr": "*fp16" if fmt == "int4" else "*fp32",
-        "absmax_scales_ptr": "*fp32",
-        "absmax_offset_ptr": "*fp32",
-        "nested_table_ptr": "*fp32",
+        **weight_pointer_types(fmt),
         "down_ptr": elem,
         "up_ptr": elem,
         "bias_ptr": elem,
@@ -289,12 +296,7 @@ def jobs(quick: bool):
         n, k = SHAPE["N"], SHAPE["K"]
         block_k = dequant.DEQUANT_MAX_BLOCK_K if fmt == "int8" else min(dequant.DEQUANT_MAX_BLOCK_K, group)
         values = {
-            "data_ptr": DATA_TYPE[fmt],
-            "scales_ptr": {"int8": "*fp32", "int4": "*fp16", "nf4": "*u8"}[fmt],
-            "mins_ptr": "*fp16" if fmt == "int4" else "*fp32",
-            "absmax_scales_ptr": "*fp32",
-            "absmax_offset_ptr": "*fp32",
-            "nested_table_ptr": "*fp32",
+            **weight_pointer_types(fmt),
             "out_ptr": elem,
             "N": n,
             "K": k,

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
+    """Installed version of `package`, or "not installed"."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -42,9 +43,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Versions, device and which backends work, plus a quantization check on random weights."""
     from . import formats
 
-    print(f"qlora-kernels {_version('qlora-kernels')} on Python {platform.python_version()} ({platform.machine()})")
+    print(
+        f"qlora-kernels {package_version('qlora-kernels')} on Python {platform.python_version()} ({platform.machine()})"
+    )
     for package in ("torch", "triton", "transformers", "safetensors", "bitsandbytes", "peft"):
-        print(f"  {package:<13} {_version(package)}")
+        print(f"  {package:<13} {package_version(package)}")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
     print(f"device: {device}; CPU threads: {torch.get_num_threads()}")
     print(f"backends: torch reference: available; triton: {_triton_status()}")
