@@ -6,6 +6,7 @@ The token budget comes from the tokenizer, not from characters: "Итого: 365
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from .data import end_of_turn_token, render_completion, render_prompt
 BUDGET_MARGIN = 1.25  # generous: a model may phrase the answer a little longer than the reference
 BUDGET_EXTRA_TOKENS = 8
 DEFAULT_EVAL_BATCH = 16
+MIN_SHARED_PREFIX = 16  # shorter shared prefixes are not worth a separate forward pass
 
 Messages = list[dict[str, str]]
 
@@ -43,7 +45,6 @@ def token_budget(tokenizer: Any, conversations: Sequence[Messages]) -> int:
     return math.ceil(longest * BUDGET_MARGIN) + BUDGET_EXTRA_TOKENS
 
 
-@torch.no_grad()
 def generate(
     model: nn.Module,
     tokenizer: Any,
@@ -52,10 +53,26 @@ def generate(
     batch_size: int = DEFAULT_EVAL_BATCH,
     autocast: Callable[[], Any] | None = None,
 ) -> list[str]:
-    """Greedy completions of chat prompts (each ends with the user's turn), in input order.
+    """Greedy completions of chat prompts (each ends with the user's turn) as text, in input order."""
+    token_ids = generate_token_ids(model, tokenizer, prompts, max_new_tokens, batch_size, autocast)
+    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in token_ids]
+
+
+@torch.no_grad()
+def generate_token_ids(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Messages],
+    max_new_tokens: int,
+    batch_size: int = DEFAULT_EVAL_BATCH,
+    autocast: Callable[[], Any] | None = None,
+) -> list[list[int]]:
+    """The new token ids of greedy decoding (padding after an early stop included), in input order.
 
     Prompts are rendered with the same chat template as in training, sorted by length and
     left-padded so every row's last real token sits at the end, where generation continues.
+    Token prefixes that all rows of a batch share (the system turn, few-shot examples) are run
+    once and their key/value cache is copied to every row (`shared_prefix_cache`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -65,18 +82,26 @@ def generate(
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
-    outputs: list[str] = [""] * len(ids)
+    outputs: list[list[int]] = [[] for _ in ids]
     was_training = model.training
     model.eval()
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
+        prefix = shared_prefix_length([ids[i] for i in rows])
+        # rows are [shared prefix | left padding | own suffix]: positions come from the mask's cumsum
         width = max(len(ids[i]) for i in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for j, i in enumerate(rows):
-            input_ids[j, width - len(ids[i]) :] = torch.tensor(ids[i])
-            mask[j, width - len(ids[i]) :] = 1
+            suffix = ids[i][prefix:]
+            input_ids[j, :prefix] = torch.tensor(ids[i][:prefix], dtype=torch.long)
+            input_ids[j, width - len(suffix) :] = torch.tensor(suffix, dtype=torch.long)
+            mask[j, :prefix] = 1
+            mask[j, width - len(suffix) :] = 1
         with autocast() if autocast else torch.autocast("cpu", enabled=False):
+            cache_kwargs = {}
+            if prefix:
+                cache_kwargs = shared_prefix_cache(model, input_ids[:1, :prefix].to(device), len(rows))
             generated = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
@@ -84,11 +109,40 @@ def generate(
                 do_sample=False,
                 eos_token_id=eot_id,
                 pad_token_id=pad_id,
+                **cache_kwargs,
             )
         for j, i in enumerate(rows):
-            outputs[i] = tokenizer.decode(generated[j, width:], skip_special_tokens=True).strip()
+            outputs[i] = generated[j, width:].tolist()
     model.train(was_training)
     return outputs
+
+
+def shared_prefix_length(rows: Sequence[Sequence[int]], min_length: int | None = None) -> int:
+    """Tokens all rows start with, leaving each row at least one token of its own (0 if under `min_length`).
+
+    Works on token ids, not text, so it never depends on how a tokenizer merges across a boundary.
+    """
+    min_length = MIN_SHARED_PREFIX if min_length is None else min_length
+    if len(rows) < 2:
+        return 0
+    limit = min(len(r) for r in rows) - 1
+    first = rows[0]
+    n = 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n if n >= min_length else 0
+
+
+def shared_prefix_cache(model: nn.Module, prefix_ids: torch.Tensor, batch: int) -> dict[str, Any]:
+    """Run the (1, P) shared prefix once; the key/value cache repeated `batch` times, as generate() kwargs.
+
+    transformers 5 names the argument `cache`, 4.x `past_key_values`; the model's forward says which.
+    """
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=prefix_ids, use_cache=True)
+    cache = out[cache_name] if cache_name in out else out["past_key_values"]
+    cache.batch_repeat_interleave(batch)
+    return {cache_name: cache}
 
 
 def score(outputs: Sequence[str], references: Sequence[str], parse: Callable[[str], Any]) -> Scores:
