@@ -136,17 +136,23 @@ def test_tokenizer_fixture_pads_with_eos():
     assert tok.pad_token == tok.eos_token == "<|im_end|>"
 
 
-def test_time_budget_lowers_max_steps_only_when_needed():
+def test_time_budget_sets_max_steps_from_the_average_speed_within_the_cap():
     from tqdm import tqdm
 
     from qlora_kernels.train.trainer import fit_to_time_budget
 
     cfg = TrainConfig(max_steps=80, time_budget_s=100.0)
     bar = tqdm(total=80, disable=True)
-    fit_to_time_budget(cfg, 0, 3, 2.0, bar)  # 2 s/step: 50 steps fit
+    fit_to_time_budget(cfg, 80, 0, 3, 2.0, bar)  # 2 s/step: 50 steps fit
     assert cfg.max_steps == 50
-    fit_to_time_budget(cfg, 0, 6, 1.0, bar)  # faster now: never raised again
+    fit_to_time_budget(cfg, 80, 0, 6, 1.9, bar)  # 52 fit: a small drift is ignored
     assert cfg.max_steps == 50
+    fit_to_time_budget(cfg, 80, 0, 30, 1.6, bar)  # a slow start: raised again once the average shows it
+    assert cfg.max_steps == 62
+    fit_to_time_budget(cfg, 80, 0, 33, 1.0, bar)  # 100 would fit, but never past the configured max_steps
+    assert cfg.max_steps == 80
+    fit_to_time_budget(cfg, 80, 0, 78, 5.0, bar)  # far too slow now: stop after the next step
+    assert cfg.max_steps == 79
     resumed = TrainConfig(max_steps=80, time_budget_s=100.0)
-    fit_to_time_budget(resumed, 40, 43, 4.0, bar)  # the budget counts from the resumed step
+    fit_to_time_budget(resumed, 80, 40, 43, 4.0, bar)  # the budget counts from the resumed step
     assert resumed.max_steps == 65

@@ -52,7 +52,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
-    time_budget_s: float = 0.0  # > 0: after the first steps, lower max_steps so training fits this many seconds
+    time_budget_s: float = 0.0  # > 0: every 3 steps, set max_steps (at most as configured) to fit this many seconds
     dtype: str = "bf16"
     gradient_checkpointing: bool = False
     # bookkeeping

@@ -214,7 +214,7 @@ def render_report(
         f"; whole demo <= {TOTAL_BUDGET_S} s: **{yes(total_seconds <= TOTAL_BUDGET_S)}**.",
         "",
         f"- training: {cfg.max_steps} steps x {cfg.batch_size * cfg.grad_accum} examples "
-        f"(time budget {cfg.time_budget_s:.0f} s: max_steps is lowered after 3 steps if the budget needs it), "
+        f"(time budget {cfg.time_budget_s:.0f} s: max_steps follows the measured speed every 3 steps), "
         f"{metrics['train_seconds']:.0f} s; whole demo (load, evaluations, training) {total_seconds:.0f} s",
         f"- peak memory (process RSS): {metrics['peak_memory_mb']:.0f} MiB",
         f"- adapter on disk: {metrics['adapter_bytes'] / 2**20:.2f} MiB",

@@ -185,16 +185,19 @@ def save_final_adapter(model: nn.Module, output_dir: Path) -> Path:
     return path
 
 
-def fit_to_time_budget(cfg: TrainConfig, start_step: int, step: int, seconds_per_step: float, bar: tqdm) -> None:
-    """Lower `cfg.max_steps` so the run ends within `cfg.time_budget_s` at the measured speed.
+def fit_to_time_budget(
+    cfg: TrainConfig, cap: int, start_step: int, step: int, seconds_per_step: float, bar: tqdm
+) -> None:
+    """Set `cfg.max_steps` (at most `cap`) so the run ends within `cfg.time_budget_s` at the measured speed.
 
     First called while still in warmup: the warmup LRs do not depend on max_steps, so the run is
-    the one `max_steps=<new value>` would have given. Later calls (every few steps, when the
-    machine got slower) shorten the cosine tail, a small jump down in LR.
+    the one `max_steps=<new value>` would have given. Later calls (every few steps) follow the
+    average speed both ways: down when the machine got slower, up again (to `cap`) when a slow
+    start made the first estimate too cautious. Each later change moves the cosine tail a little.
     """
-    affordable = start_step + int(cfg.time_budget_s / seconds_per_step)  # the budget counts from this start
-    if affordable < cfg.max_steps - (cfg.max_steps - step) // 10:  # ignore small slips (it re-checks)
-        new = max(step + 1, affordable)
+    affordable = min(cap, start_step + int(cfg.time_budget_s / seconds_per_step))  # counted from this start
+    new = max(step + 1, affordable)
+    if abs(new - cfg.max_steps) > (cfg.max_steps - step) // 10:  # ignore small drifts (it re-checks)
         bar.write(
             f"time budget {cfg.time_budget_s:.0f}s at {seconds_per_step:.1f}s/step: max_steps {cfg.max_steps} -> {new}"
         )
@@ -314,6 +317,7 @@ def train(
     loss_value = float("nan")
     interrupted = False
     start_step = step
+    max_steps_cap = cfg.max_steps  # a time budget moves max_steps below this, never above
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
     t_start = time.perf_counter()
     with _InterruptFlag() as interrupt:
@@ -364,7 +368,7 @@ def train(
                 _append_metrics(metrics_path, record)
             done = step - start_step
             if cfg.time_budget_s and done >= BUDGET_PROBE_STEPS and done % BUDGET_PROBE_STEPS == 0:
-                fit_to_time_budget(cfg, start_step, step, (time.perf_counter() - t_start) / done, bar)
+                fit_to_time_budget(cfg, max_steps_cap, start_step, step, (time.perf_counter() - t_start) / done, bar)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
             bar.update(1)
 
