@@ -24,16 +24,21 @@ def test_shared_prefix_length(rows, min_length, expected):
     assert evaluate.shared_prefix_length(rows, min_length) == expected
 
 
-def test_generation_with_the_shared_prefix_cache_equals_plain_generation(monkeypatch):
+def _tiny_model_with_varied_outputs():
     from transformers import AutoModelForCausalLM
 
-    tok = load_tokenizer()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32)
     with torch.no_grad():  # larger random weights: at init scale every row greedily repeats one token
         for name, param in model.named_parameters():
             if "norm" not in name:
                 param.normal_(0.0, 0.5)
+    return model
+
+
+def test_generation_with_the_shared_prefix_cache_equals_plain_generation(monkeypatch):
+    tok = load_tokenizer()
+    model = _tiny_model_with_varied_outputs()
     train, held_out = expenses.make_splits(20, 6, seed=0)
     prompts = [few_shot_prompt(train[:1], e, "worked", "ru") for e in held_out]  # suffixes of different lengths
 
@@ -48,6 +53,22 @@ def test_generation_with_the_shared_prefix_cache_equals_plain_generation(monkeyp
     assert len(calls) == 2  # the plain run made no cache
     assert cached == plain
     assert len({tuple(t) for t in cached}) > 1  # the rows differ: a real check, not a constant output
+
+
+def test_prompt_tuning_falls_back_to_plain_generation(monkeypatch):
+    """The virtual tokens make the cache longer than the shared prefix: the cache must not be used."""
+    import qlora_kernels as qk
+
+    tok = load_tokenizer()
+    model = qk.prepare_model(
+        _tiny_model_with_varied_outputs(), "prompt", num_virtual_tokens=4, compute_dtype=torch.float32
+    )
+    prompts = [[{"role": "user", "content": expenses.prompt(e)}] for e in expenses.make_splits(4, 4, seed=0)[1]]
+    prefix_ids = torch.tensor([tok(evaluate.render_prompt(tok, prompts[0]), add_special_tokens=False)["input_ids"]])
+    assert evaluate.shared_prefix_cache(model, prefix_ids[:, :20], 4) == {}
+    cached = evaluate.generate_token_ids(model, tok, prompts, max_new_tokens=8, batch_size=4)
+    monkeypatch.setattr(evaluate, "MIN_SHARED_PREFIX", 10**9)
+    assert cached == evaluate.generate_token_ids(model, tok, prompts, max_new_tokens=8, batch_size=4)
 
 
 def test_score_counts_format_and_exact_answers():
