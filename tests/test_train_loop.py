@@ -84,6 +84,48 @@ def test_accumulating_four_micro_batches_gives_the_full_batch_gradient():
     assert not all(torch.allclose(p.grad, a, rtol=1e-4, atol=1e-6) for p, a in zip(params, full, strict=True))
 
 
+@pytest.mark.parametrize("method", ["lora", "full", "prompt"])
+def test_fused_head_loss_equals_the_logits_path(method):
+    """The fused head + loss (completion tokens only) gives the loss and gradients of full logits."""
+    model, tokenizer = qk.load_model(tiny_model_dir())
+    opts = {"r": 4, "target_modules": "all-linear"} if method == "lora" else {}
+    opts = {"num_virtual_tokens": 3} if method == "prompt" else opts
+    qk.prepare_model(model, method, compute_dtype=torch.float32, **opts)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    assert trainer_module.fused_head(model) is model.lm_head
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        train_file, _ = write_expense_data(Path(d), n_train=4)
+        examples, _ = load_examples(train_file, tokenizer, 256)
+    batch = collate(examples, tokenizer.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(fused):
+        model.zero_grad()
+        loss = trainer_module.completion_loss_sum(model, batch, fused=fused)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    (fused_loss, fused_grads), (ref_loss, ref_grads) = loss_and_grads(True), loss_and_grads(False)
+    torch.testing.assert_close(fused_loss, ref_loss, rtol=1e-5, atol=0)
+    for a, b in zip(fused_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_head_only_replaces_a_plain_linear_head():
+    model, _ = qk.load_model(tiny_model_dir())
+    qk.prepare_model(model, "lora", r=4, target_modules=["lm_head"], compute_dtype=torch.float32)
+    assert trainer_module.fused_head(model) is None  # a LoRA head: the logits path
+    model, _ = qk.load_model(tiny_model_dir())
+    model.config.final_logit_softcapping = 30.0
+    assert trainer_module.fused_head(model) is None
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = _config(tmp_path, save_every=2, max_steps=8)
     real = trainer_module.completion_loss_sum

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..ops.linear_cross_entropy import linear_cross_entropy
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE_INDEX, DataStats, Example, LengthGroupedBatches, collate, count_label_tokens, load_examples
@@ -82,21 +83,57 @@ def autocast_context(device: torch.device, dtype: str) -> tuple[Callable[[], Any
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
 
 
-def completion_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # config keys that change logits
+
+
+def fused_head(model: nn.Module) -> nn.Linear | None:
+    """The model's LM head if the fused head + loss can replace it: a plain bias-free `nn.Linear`
+    whose output is the logits as they are (no soft-capping or scaling in the config)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head else None
+    if type(head) is not nn.Linear or head.bias is not None:
+        return None
+    config = getattr(model, "config", None)
+    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+def completion_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], fused: bool = True) -> torch.Tensor:
     """Sum of next-token cross-entropies over the completion tokens of a batch (fp32).
 
     The head runs only on the positions from the earliest completion token on
-    (`logits_to_keep`): prompt positions need no logits, which saves a large matmul.
+    (`logits_to_keep`): prompt positions need no logits, which saves a large matmul. With a plain
+    linear head (`fused_head`) it runs on the completion tokens alone, fused with the loss
+    (`linear_cross_entropy`), so no tokens x vocab logit tensor is kept for the backward.
     """
     labels = batch["labels"]
     length = labels.shape[1]
     has_label = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
     first = int(has_label[0]) if len(has_label) else length - 1  # first predicting position
     keep = length - first
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
-    logits = out.logits[:, -keep:-1] if keep > 1 else out.logits[:, :0]
     targets = labels[:, first + 1 :]
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    head = fused_head(model) if fused else None
+    if head is None:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+        logits = out.logits[:, -keep:-1] if keep > 1 else out.logits[:, :0]
+        return F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+    captured: list[torch.Tensor] = []
+
+    def take_hidden_states(module: nn.Module, args: tuple) -> tuple:
+        captured.append(args[0])
+        return (args[0][:, :0],)  # the head itself computes nothing
+
+    handle = head.register_forward_pre_hook(take_hidden_states)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+    finally:
+        handle.remove()
+    hidden = captured[0][:, -keep:-1] if keep > 1 else captured[0][:, :0]
+    rows = targets != IGNORE_INDEX
+    return linear_cross_entropy(hidden[rows], head.weight, targets[rows])
 
 
 def accumulate_gradients(
