@@ -51,6 +51,16 @@ def test_frozen_weight_gets_no_gradient_and_ignored_rows_count_nothing():
     assert torch.count_nonzero(hidden.grad) == 0
 
 
+def test_no_grad_computes_the_loss_only(monkeypatch):
+    hidden, weight, targets = _inputs(40, torch.float32)
+    calls = []
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1))  # the gradient matmul of hidden
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=8)
+    assert calls == []
+    assert abs(loss.item() - linear_cross_entropy_ref(hidden, weight, targets).item()) <= 1e-5 * loss.item()
+
+
 def test_runs_in_fp32_under_bf16_autocast():
     hidden, weight, targets = _inputs(33, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):

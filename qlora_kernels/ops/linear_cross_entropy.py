@@ -20,13 +20,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """sum over rows with target != ignore_index of CE(hidden @ weight.T, target), in fp32."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int, grad_enabled: bool
+    ):
         with torch.autocast(hidden.device.type, enabled=False):  # fp32 throughout, also under autocast
-            return LinearCrossEntropyFunction._forward(ctx, hidden, weight, targets, chunk_rows)
+            return LinearCrossEntropyFunction._forward(ctx, hidden, weight, targets, chunk_rows, grad_enabled)
 
     @staticmethod
-    def _forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def _forward(ctx, hidden, weight, targets, chunk_rows: int, grad_enabled: bool):
+        # needs_input_grad ignores torch.no_grad(); grad_enabled (the caller's grad mode) does not
+        need_hidden, need_weight = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         w = weight.float()
         loss = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if need_hidden else None
@@ -58,7 +61,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.dtypes
         dh = (grad_hidden * grad_loss).to(hidden_dtype) if ctx.needs_input_grad[0] else None
         dw = (grad_weight * grad_loss).to(weight_dtype) if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None
+        return dh, dw, None, None, None
 
 
 def linear_cross_entropy(
@@ -81,7 +84,7 @@ def linear_cross_entropy(
         )
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    return LinearCrossEntropyFunction.apply(hidden, weight, targets, chunk_rows)
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, chunk_rows, torch.is_grad_enabled())
 
 
 def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
