@@ -57,6 +57,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     native = native_status()
     ops = ", ".join(native.ops) if native.available else "none"
     print(f"native ops: {ops} ({native.error or 'CPU extension qlora_kernels._native built'})")
+    from .ops.compute_policy import cpu_compute_dtype
+
+    print(f"CPU compute dtype: {cpu_compute_dtype().describe()}; override with QK_CPU_DTYPE=bf16|fp32")
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(256, 512, generator=generator)
     print("\nformat  group  bits/param  rel. RMSE on N(0,1)")

@@ -7,6 +7,9 @@ import os
 # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning made small
 # matmuls ~30x slower. Must be set before torch starts its thread pool.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The CPU compute dtype is chosen per machine (qlora_kernels.ops.compute_policy); tests pin fp32 so
+# their tolerances hold on every machine, and the bf16 path is tested by choosing it explicitly.
+os.environ.setdefault("QK_CPU_DTYPE", "fp32")
 
 # Must be set before any @triton.jit decorator runs, i.e. before the kernel modules import.
 if not os.environ.get("QK_TEST_ON_GPU"):

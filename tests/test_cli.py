@@ -23,6 +23,7 @@ def test_info_runs(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "nf4" in out
+    assert "CPU compute dtype: fp32 (env: QK_CPU_DTYPE=fp32)" in out  # the tests pin the policy
 
 
 def test_no_command_and_bad_arguments_are_usage_errors(tmp_path, capsys):

@@ -81,3 +81,29 @@ def test_runs_in_fp32_under_bf16_autocast():
 def test_bad_shapes_say_what_is_expected(hidden_shape, weight_shape, targets, match):
     with pytest.raises(ValueError, match=match):
         linear_cross_entropy(torch.randn(hidden_shape), torch.randn(weight_shape), targets)
+
+
+@pytest.mark.parametrize(("rows", "chunk_rows"), [(1, 64), (17, 5), (300, 64)])
+def test_bf16_matmuls_under_the_bf16_cpu_policy(rows, chunk_rows):
+    from qlora_kernels.ops.compute_policy import set_cpu_compute_dtype
+    from qlora_kernels.ops.linear_cross_entropy import head_matmul_dtype
+
+    hidden, weight, targets = _inputs(rows, torch.bfloat16)
+    targets[0] = 7
+    set_cpu_compute_dtype("bf16")
+    try:
+        assert head_matmul_dtype(hidden) == torch.bfloat16
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows)
+        loss.backward()
+    finally:
+        set_cpu_compute_dtype(None)
+    assert head_matmul_dtype(hidden) == torch.float32  # the tests' pinned fp32 policy again
+    dh, dw = hidden.grad, weight.grad
+    hidden.grad = weight.grad = None
+    ref = linear_cross_entropy_ref(hidden, weight, targets)
+    ref.backward()
+    assert loss.dtype == torch.float32 and dh.dtype == torch.bfloat16 and dw.dtype == torch.bfloat16
+    assert abs(loss.item() - ref.item()) <= 1e-2 * abs(ref.item())  # logits rounded to bf16 before the softmax
+    assert _rel(dh, hidden.grad) <= 2e-2
+    assert _rel(dw, weight.grad) <= 2e-2
+    assert torch.count_nonzero(dh[targets == IGNORE_INDEX]) == 0

@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 
 from ..formats import QuantizedTensor
+from .compute_policy import cpu_matmul_dtype
 from .native import native_available, workspace
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -60,38 +61,70 @@ class QLoRABackend(Protocol):
 class TorchBackend:
     """PyTorch matmuls on a decoded weight (the CPU path; any device).
 
-    decode="torch": the pure reference decode into a fresh fp32 tensor (``backend="torch"``).
-    decode="native": the C++ extension decodes into one reused fp32 buffer, so no dense
-    weight is allocated per layer call (``backend="native"``, and ``"auto"`` on the CPU when
-    the extension is built).
+    decode="torch": the pure reference decode into a fresh tensor (``backend="torch"``).
+    decode="native": the C++ extension decodes into one reused buffer, so no dense weight is
+    allocated per layer call (``backend="native"``, and ``"auto"`` on the CPU when built).
+
+    The compute dtype follows `compute_policy.cpu_matmul_dtype`: bf16 inputs on a host whose bf16
+    GEMM is fast are multiplied in bf16 (oneDNN accumulates in fp32), the weight decoded straight
+    into bf16 and the LoRA path in bf16 too, as PEFT does under bf16 autocast; everything else is
+    computed in fp32. Off the CPU this backend always computes in fp32.
     """
 
     def __init__(self, decode: str = "torch") -> None:
         self.decode = decode
 
+    @staticmethod
+    def compute_dtype(x: torch.Tensor) -> torch.dtype:
+        return cpu_matmul_dtype(x.dtype) if x.device.type == "cpu" else torch.float32
+
     def _matmul(self, x: torch.Tensor, qt: QuantizedTensor, transpose: bool) -> torch.Tensor:
         if self.decode == "native":
             return workspace().matmul(x, qt, transpose=transpose)
-        w = qt.dequantize(torch.float32, backend=self.decode)
+        w = qt.dequantize(x.dtype, backend=self.decode)
         return x @ (w.t() if transpose else w)
 
     def forward(self, x, qt, lora_a, lora_b, scaling, bias):
-        xf = x.float()
-        y = self._matmul(xf, qt, transpose=True)
+        compute = self.compute_dtype(x)
+        xc = x.to(compute)
+        y = self._matmul(xc, qt, transpose=True)
         xa = None
         if lora_a is not None:
-            xa = xf @ lora_a.float().t()
-            y.addmm_(xa, lora_b.float().t(), alpha=scaling)
+            xa = xc @ lora_a.to(compute).t()
+            y.addmm_(xa, lora_b.to(compute).t(), alpha=scaling)
+            xa = xa.float()
         if bias is not None:
-            y += bias.float()
+            y += bias.to(compute)
         return y.to(x.dtype), xa
 
     def grad_input(self, dy, qt, lora_a, lora_b, scaling):
-        dyf = dy.float()
-        dx = self._matmul(dyf, qt, transpose=False)
+        compute = self.compute_dtype(dy)
+        dyc = dy.to(compute)
+        dx = self._matmul(dyc, qt, transpose=False)
         if lora_a is not None:
-            dx.addmm_(dyf @ lora_b.float(), lora_a.float(), alpha=scaling)
+            dx.addmm_(dyc @ lora_b.to(compute), lora_a.to(compute), alpha=scaling)
         return dx.to(dy.dtype)
+
+
+def lora_weight_grads(
+    dy: torch.Tensor,
+    x: torch.Tensor | None,
+    xa: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    compute: torch.dtype,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dA, dB) in the parameters' dtypes: dB = s * dY^T (x A^T), dA = s * (dY B)^T x, rank first."""
+    dyc = dy.to(compute)
+    da = db = None
+    if need_b:
+        db = (dyc.t() @ xa.to(compute)).to(lora_b.dtype).mul_(scaling)
+    if need_a:
+        da = ((dyc @ lora_b.to(compute)).t() @ x.to(compute)).to(lora_a.dtype).mul_(scaling)
+    return da, db
 
 
 _BACKEND_IMPLS: dict[str, QLoRABackend] = {"torch": TorchBackend("torch"), "native": TorchBackend("native")}
@@ -164,11 +197,8 @@ class QLoRALinearFunction(torch.autograd.Function):
         if need_x:
             dx = static.backend.grad_input(dy, static.qt, lora_a, lora_b, static.scaling)
         if lora_a is not None and (need_a or need_b):
-            dyf = dy.float()
-            if need_b:
-                db = (static.scaling * (dyf.t() @ xa)).to(lora_b.dtype)
-            if need_a:
-                da = (static.scaling * ((dyf @ lora_b.float()).t() @ x.float())).to(lora_a.dtype)
+            compute = getattr(static.backend, "compute_dtype", lambda _: torch.float32)(dy)
+            da, db = lora_weight_grads(dy, x, xa, lora_a, lora_b, static.scaling, compute, need_a, need_b)
         if need_bias and ctx.has_bias:
             dbias = dy.float().sum(0).to(ctx.bias_dtype)
         return dx, da, db, dbias, None

@@ -11,9 +11,11 @@ from typing import Any, get_type_hints
 import torch
 import yaml
 
+from .precision import Precision, resolve_precision
+
 METHODS = ("qlora", "lora", "adapter", "prompt", "partial", "full")
 QUANTS = ("nf4", "int4", "int8", "none")
-DTYPES = ("bf16", "fp16", "fp32")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
 class ConfigError(ValueError):
@@ -26,7 +28,7 @@ class TrainConfig:
 
     # model and method
     model: str = "smollm2-135m-instruct"
-    model_dtype: str = "fp32"  # weights as loaded (bf16 halves memory traffic; quantized layers ignore it)
+    model_dtype: str = "auto"  # weights as loaded; auto: bf16 where this machine computes bf16 fast, else fp32
     method: str = "qlora"
     quant: str = "nf4"
     r: int = 16
@@ -53,7 +55,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     time_budget_s: float = 0.0  # > 0: every 3 steps, set max_steps (at most as configured) to fit this many seconds
-    dtype: str = "bf16"
+    dtype: str = "auto"  # autocast dtype; auto: bf16 on CUDA and on CPUs with a fast bf16 GEMM, else fp32
     gradient_checkpointing: bool = False
     # bookkeeping
     output_dir: str = "out/run"
@@ -96,9 +98,16 @@ class TrainConfig:
         if self.method == "qlora" and self.quant == "none":
             raise ConfigError("method 'qlora' needs a quant format: set quant to nf4, int4 or int8")
 
+    def precision(self, device: torch.device | None = None) -> Precision:
+        """The run's resolved dtypes ("auto" replaced) on `device` (default: CUDA if present, else CPU)."""
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_precision(self.dtype, self.model_dtype, device)
+
     @property
     def torch_model_dtype(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.model_dtype]
+        """The dtype the model's weights are loaded in, "auto" resolved for this machine."""
+        return self.precision().torch_model_dtype
 
     @property
     def quant_format(self) -> str | None:

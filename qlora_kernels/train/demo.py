@@ -3,15 +3,24 @@
 Steps: write the data (train + disjoint held-out), load the model, score zero-shot and few-shot
 prompting on the held-out lists, train, score the fine-tuned model, write report.md,
 loss.png and metrics.json. Everything runs on the CPU in minutes.
+
+The recipe is fixed (data, seed, step count), so the same commit gives the same held-out scores
+on any machine, up to float noise; the machine's speed changes only the wall time, which the
+report states. The compute dtype follows the measured CPU policy (``dtype: auto``): bf16 where
+the host's bf16 GEMM is fast, fp32 elsewhere. A time budget is used only when asked for
+(``--set time_budget_s=...``).
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from . import expenses
 from .config import TrainConfig, apply_overrides
@@ -21,31 +30,26 @@ from .trainer import train
 N_TRAIN = 1000  # more lists than the run sees: each step draws fresh ones
 N_EVAL = 40
 N_SHOTS = 3
-TOTAL_BUDGET_S = 600  # the demo's promise: done within 10 minutes, model load included
-SAFETY_S = 45  # the final evaluation and the report, plus slack for a machine that slows down
-MIN_TRAIN_S = 60
-TARGET_FORMAT, TARGET_EXACT = 0.95, 0.50  # the issue's targets, shown (never asserted) in the report
+TARGET_SECONDS = 600  # the demo's promise: done within 10 minutes on 2 cores, model load included
+TARGET_FORMAT, TARGET_EXACT = 0.98, 0.55  # the targets, shown (never asserted) in the report
 METHOD_NAMES = {"qlora": "QLoRA", "lora": "LoRA", "full": "full", "partial": "partial", "adapter": "adapter"}
 EVAL_BATCH = 40  # one batch: decoding is bound by reading the weights, rows are nearly free
 DEMO_CONFIG: dict[str, Any] = {
     "model": "smollm2-135m-instruct",
-    # fp32 on the CPU: this machine's bf16 matmuls run at ~0.6x the fp32 rate (84 vs 137 GFLOP/s
-    # at 1700x576x1536, measured 2026-11-27), and a QLoRA step at 8 x ~210 tokens took 10.2 s in
-    # fp32 vs 13.3 s with bf16 weights + autocast on the same loaded 2-core machine.
-    "model_dtype": "fp32",
+    "model_dtype": "auto",  # bf16 where this CPU's bf16 GEMM is fast, else fp32 (ops.compute_policy)
     "method": "qlora",
     "quant": "nf4",
     "r": 16,
     "alpha": 32.0,
     "target_modules": "all-linear",
     "max_length": 256,
-    "max_steps": 200,  # a cap: the time budget sets the real number after 3 steps (about 90 on 2 cores)
+    "max_steps": 80,
     "batch_size": 8,
     "grad_accum": 1,
     "lr": 1e-3,
     "warmup_steps": 5,
     "min_lr_ratio": 0.1,
-    "dtype": "fp32",
+    "dtype": "auto",
     "seed": 0,
     "save_every": 0,
     "log_every": 1,
@@ -70,6 +74,19 @@ def few_shot_prompt(shots: list[expenses.Expenses], e: expenses.Expenses, style:
 def evaluate_prompts(model, tokenizer, prompts, references, budget, language, autocast) -> tuple[Scores, list[str]]:
     outputs = generate(model, tokenizer, prompts, budget, batch_size=EVAL_BATCH, autocast=autocast)
     return score(outputs, references, lambda text: expenses.parse_total(text, language)), outputs
+
+
+def machine_summary() -> str:
+    """The CPU model and the threads torch uses, e.g. "AMD EPYC, 2 threads"."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def dir_bytes(path: Path) -> int:
@@ -126,8 +143,19 @@ def run_demo(
     cfg = TrainConfig.from_dict(apply_overrides(settings, overrides))
 
     # ---- model and the "before" numbers
-    model, tokenizer = load_model(cfg.model, dtype=cfg.torch_model_dtype)
-    log(f"loaded {cfg.model} ({cfg.model_dtype} weights)")
+    seconds: dict[str, float] = {}
+    phase_start = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal phase_start
+        now = time.perf_counter()
+        seconds[name] = round(now - phase_start, 1)
+        phase_start = now
+
+    precision = cfg.precision()
+    model, tokenizer = load_model(cfg.model, dtype=precision.torch_model_dtype)
+    phase("load")
+    log(f"loaded {cfg.model}; {precision.describe()}")
     autocast = None  # generation runs in the weights' own dtype; autocast would re-cast every weight per token
     references = [expenses.completion(e, label_style, language) for e in eval_lists]
     conversations = [_conversation(e, label_style, language) for e in eval_lists]
@@ -135,32 +163,32 @@ def run_demo(
     zero_prompts = [c[:-1] for c in conversations]
     shots = sorted(train_lists[:100], key=lambda e: len(e.items))[:n_shots]  # short shots: cheaper prompts
     few_prompts = [few_shot_prompt(shots, e, label_style, language) for e in eval_lists]
-    t_zero = time.perf_counter()
     zero, zero_out = evaluate_prompts(model, tokenizer, zero_prompts, references, budget, language, autocast)
-    zero_seconds = time.perf_counter() - t_zero
+    phase("eval_zero_shot")
     log(f"zero-shot: format {zero.format:.0%}, exact {zero.exact:.0%}")
     few, few_out = evaluate_prompts(model, tokenizer, few_prompts, references, budget, language, autocast)
+    phase("eval_few_shot")
     log(f"{n_shots}-shot: format {few.format:.0%}, exact {few.exact:.0%}")
 
-    # ---- train within what is left of the budget (the final evaluation costs about what zero-shot did)
-    if cfg.time_budget_s == 0:
-        left = TOTAL_BUDGET_S - SAFETY_S - (time.perf_counter() - t_total) - zero_seconds
-        cfg.time_budget_s = max(MIN_TRAIN_S, left)
-        log(f"training budget {cfg.time_budget_s:.0f}s (max_steps {cfg.max_steps})")
+    # ---- train: the fixed recipe (a time budget only if the user set one)
     result = train(cfg, model=model, tokenizer=tokenizer)
+    phase("train")
     log(f"trained {result.step} steps in {result.train_seconds:.0f}s, final loss {result.loss:.4f}")
     after, after_out = evaluate_prompts(model, tokenizer, zero_prompts, references, budget, language, autocast)
+    phase("eval_fine_tuned")
     log(f"fine-tuned: format {after.format:.0%}, exact {after.exact:.0%}")
 
     metrics = {
         "before": {"zero_shot": zero.as_dict(), "few_shot": few.as_dict()},
         "after": after.as_dict(),
         "n_eval": after.n,
+        "steps": result.step,
+        "precision": result.precision,
         "train_seconds": round(result.train_seconds, 1),
+        "phase_seconds": seconds,
         "peak_memory_mb": round(result.peak_memory_mb, 1),
         "adapter_bytes": dir_bytes(result.adapter_dir),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     plot_loss(result.output_dir / "metrics.jsonl", out / "loss.png")
     samples = [
         {"prompt": expenses.prompt(e, language), "reference": r, "zero_shot": z, "few_shot": f, "fine_tuned": a}
@@ -170,6 +198,8 @@ def run_demo(
         "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8"
     )
     total_seconds = time.perf_counter() - t_total
+    metrics["total_seconds"] = round(total_seconds, 1)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(
         render_report(metrics, cfg, label_style, n_shots, budget, total_seconds, samples[:3]), encoding="utf-8"
     )
@@ -192,6 +222,12 @@ def render_report(
     method = METHOD_NAMES.get(cfg.method, cfg.method)
     b, a = metrics["before"], metrics["after"]
     exact_ok = a["exact"] >= TARGET_EXACT and a["exact"] > b["few_shot"]["exact"]
+    budget_text = (
+        f"time budget {cfg.time_budget_s:.0f} s as asked: max_steps followed the measured speed"
+        if cfg.time_budget_s
+        else "a fixed recipe: the step count never follows the clock"
+    )
+    phase_text = ", ".join(f"{name} {value:.0f} s" for name, value in metrics["phase_seconds"].items())
     style_text = {
         "worked": 'worked (running sum, then "Итого: X рублей.")',
         "answer": 'answer only ("Итого: X рублей.")',
@@ -211,15 +247,16 @@ def render_report(
         "",
         f"Targets: format >= {pct(TARGET_FORMAT)} after training: **{yes(a['format'] >= TARGET_FORMAT)}**; exact >= "
         f"{pct(TARGET_EXACT)} and above few-shot: **{yes(exact_ok)}**"
-        f"; whole demo <= {TOTAL_BUDGET_S} s: **{yes(total_seconds <= TOTAL_BUDGET_S)}**.",
+        f"; whole demo <= {TARGET_SECONDS} s on 2 cores: **{yes(total_seconds <= TARGET_SECONDS)}**.",
         "",
-        f"- training: {cfg.max_steps} steps x {cfg.batch_size * cfg.grad_accum} examples "
-        f"(time budget {cfg.time_budget_s:.0f} s: max_steps follows the measured speed every 3 steps), "
-        f"{metrics['train_seconds']:.0f} s; whole demo (load, evaluations, training) {total_seconds:.0f} s",
+        f"- training: {metrics['steps']} steps x {cfg.batch_size * cfg.grad_accum} examples "
+        f"({budget_text}), {metrics['train_seconds']:.0f} s",
+        f"- wall time: {total_seconds:.0f} s in all on {machine_summary()}; by phase: {phase_text}",
+        f"- precision: {metrics['precision']}",
         f"- peak memory (process RSS): {metrics['peak_memory_mb']:.0f} MiB",
         f"- adapter on disk: {metrics['adapter_bytes'] / 2**20:.2f} MiB",
         f"- method {cfg.method}, quant {cfg.quant}, r={cfg.r}, alpha={cfg.alpha}, targets {cfg.target_modules}, "
-        f"lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine), dtype {cfg.dtype}, seed {cfg.seed}",
+        f"lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine), seed {cfg.seed}",
         f"- generation: greedy, left padding, batch {EVAL_BATCH}, budget {budget} new tokens "
         "(longest reference completion in tokens x 1.25 + 8)",
         "",

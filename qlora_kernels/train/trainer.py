@@ -30,6 +30,7 @@ from ..ops.linear_cross_entropy import linear_cross_entropy
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE_INDEX, DataStats, Example, LengthGroupedBatches, collate, count_label_tokens, load_examples
+from .precision import apply_cpu_precision
 from .schedule import lr_at
 
 METRICS_FILE = "metrics.jsonl"
@@ -56,6 +57,7 @@ class TrainResult:
     interrupted: bool = False
     data_stats: dict[str, str] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    precision: str = ""
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -73,7 +75,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def autocast_context(device: torch.device, dtype: str) -> tuple[Callable[[], Any], torch.amp.GradScaler | None]:
-    """(autocast factory, grad scaler or None): bf16 on CPU/CUDA, fp16 + scaler on CUDA only."""
+    """(autocast factory, grad scaler or None) for a resolved dtype: bf16 on CPU/CUDA, fp16 + scaler on CUDA only."""
     if dtype == "fp32":
         return contextlib.nullcontext, None
     if dtype == "fp16":
@@ -183,7 +185,7 @@ def evaluate_loss(
     return total / max(count, 1)
 
 
-def prepare(model: nn.Module, cfg: TrainConfig, tokenizer: Any) -> None:
+def prepare(model: nn.Module, cfg: TrainConfig, tokenizer: Any, model_dtype: torch.dtype | None = None) -> None:
     """Apply the fine-tuning method with `qk.prepare_model`: quantize, attach LoRA/adapters, freeze."""
     from .. import prepare_model  # the tuning layer; imported late to keep `train` light
 
@@ -198,7 +200,7 @@ def prepare(model: nn.Module, cfg: TrainConfig, tokenizer: Any) -> None:
         model,
         cfg.method,
         quant=cfg.quant_format,
-        compute_dtype=cfg.torch_model_dtype,  # frozen weights stay in the dtype they were loaded in
+        compute_dtype=model_dtype or cfg.torch_model_dtype,  # frozen weights keep their loaded dtype
         gradient_checkpointing=cfg.gradient_checkpointing,
         **options.get(cfg.method, {}),
     )
@@ -300,6 +302,9 @@ def train(
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = cfg.precision(device)
+    apply_cpu_precision(precision, device, cfg.dtype)
+    print(f"precision: {precision.describe()}", file=sys.stderr)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1), encoding="utf-8")
@@ -307,10 +312,10 @@ def train(
     if model is None:
         from .. import load_model
 
-        model, tokenizer = load_model(cfg.model, dtype=cfg.torch_model_dtype)
+        model, tokenizer = load_model(cfg.model, dtype=precision.torch_model_dtype)
     elif tokenizer is None:
         raise ValueError("train(model=...) also needs tokenizer=...")
-    prepare(model, cfg, tokenizer)
+    prepare(model, cfg, tokenizer, precision.torch_model_dtype)
     model.to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -325,7 +330,7 @@ def train(
     print(f"train data: {train_stats.summary()}", file=sys.stderr)
     batches = LengthGroupedBatches(train_examples, cfg.batch_size, cfg.seed)
     optimizer = build_optimizer(model, cfg)
-    autocast, scaler = autocast_context(device, cfg.dtype)
+    autocast, scaler = autocast_context(device, precision.dtype)
 
     # ---- resume: trainable tensors, optimizer, RNG, data position, step
     step = 0
@@ -447,4 +452,5 @@ def train(
         interrupted=interrupted,
         data_stats={"train": train_stats.summary(), "eval": eval_stats.summary() if eval_examples else "none"},
         losses=losses,
+        precision=precision.describe(),
     )
