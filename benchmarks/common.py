@@ -20,10 +20,20 @@ RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def machine_name() -> str:
-    """'cpu' here; the GPU's name (spaces to dashes) on a CUDA machine."""
+    """The results folder's name: the GPU's name (spaces to dashes) on a CUDA machine; on the CPU
+    its kind for our compute-dtype policy: "cpu-avx512bf16" (bf16 dot-product instructions, a fast
+    bf16 GEMM) or "cpu" (without them: fp32 is faster there)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0).replace(" ", "-")
-    return "cpu"
+    from qlora_kernels.ops.compute_policy import BF16_CPU_FLAGS, cpu_flags
+
+    return "cpu-avx512bf16" if cpu_flags() & set(BF16_CPU_FLAGS) else "cpu"
+
+
+def _cpu_compute_dtype() -> str:
+    from qlora_kernels.ops.compute_policy import cpu_compute_dtype
+
+    return cpu_compute_dtype().describe()
 
 
 def run_metadata() -> dict:
@@ -38,6 +48,7 @@ def run_metadata() -> dict:
         "machine": machine_name(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_compute_dtype": _cpu_compute_dtype(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "versions": {p: package_version(p) for p in ("torch", "triton", "transformers", "bitsandbytes", "peft", "trl")},

@@ -84,7 +84,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
     settings = {
         "model": "smollm2-135m-instruct",
-        "model_dtype": spec.get("model_dtype", "bf16"),
+        "model_dtype": spec.get("model_dtype", "auto"),
         "method": spec["method"],
         "quant": spec.get("quant", "nf4"),
         "r": 16,
@@ -96,7 +96,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
         "batch_size": spec["batch_size"],
         "lr": spec.get("lr", 1e-3),
         "warmup_steps": spec.get("lr_warmup_steps", 2),
-        "dtype": "bf16",
+        "dtype": spec.get("dtype", "auto"),
         "seed": 0,
         "save_every": 0,
         "progress": False,
@@ -104,7 +104,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
         **spec.get("extra", {}),
     }
     cfg = TrainConfig.from_dict(settings)
-    model, tokenizer = qk.load_model(cfg.model, dtype=cfg.torch_model_dtype)
+    precision = cfg.precision()
+    model, tokenizer = qk.load_model(cfg.model, dtype=precision.torch_model_dtype)
     after_load = process_peak_rss_mb()
     info: dict[str, Any] = {}
 
@@ -133,6 +134,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
         "after_load_rss_mb": after_load,
         "adapter_bytes": dir_bytes(result.adapter_dir) if result.adapter_dir else None,
         "threads": torch.get_num_threads(),
+        "precision": result.precision,
         **info,
     }
     if spec.get("eval_n"):

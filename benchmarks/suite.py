@@ -41,6 +41,8 @@ GPU_TARGETS = (
     "gpu: fwd+bwd at M >= 4096 >= 1.3x faster than bitsandbytes + PEFT",
 )
 E2E_PAIR = ("ours qlora nf4", "trl+peft+bnb nf4")  # the CPU SFT target: QLoRA vs QLoRA
+E2E_OWN_LORA = "ours lora bf16"  # QLoRA's speed against our own LoRA on a bf16 base
+E2E_TARGETS = {"vs own lora": 0.9, "vs trl+peft+bnb": 1.8}
 SUMMARY_COLUMNS = [
     ("name", "target"),
     ("ours", "ours"),
@@ -148,15 +150,32 @@ def cpu_targets(layer_rows: list[dict], memory_rows: list[dict], e2e_rows: list[
         if ours_e
         else None
     )
+    precision = f"; ours at {ours_e['precision']}" if ours_e.get("precision") else ""
     rows.append(
         target_row(
             "cpu: SFT step tokens/s, SmolLM2-135M QLoRA NF4 r16: our trainer vs TRL SFTTrainer + PEFT + bitsandbytes",
             ours_e.get("tokens_per_s"),
             theirs_e.get("tokens_per_s"),
             "tokens/s",
-            "> 1 (faster than TRL + PEFT + bitsandbytes)",
+            f">= {E2E_TARGETS['vs trl+peft+bnb']} (faster than TRL + PEFT + bitsandbytes)",
             higher_is_better=True,
-            note=shape or (f"failed: {failed}" if failed else None),
+            threshold=E2E_TARGETS["vs trl+peft+bnb"],
+            strict=False,
+            note=(shape + precision) if shape else (f"failed: {failed}" if failed else None),
+        )
+    )
+    own = e2e.get(E2E_OWN_LORA, {})
+    rows.append(
+        target_row(
+            "cpu: SFT step tokens/s, our QLoRA NF4 r16 vs our own LoRA r16 on a bf16 base (the cost of the 4-bit base)",
+            ours_e.get("tokens_per_s"),
+            own.get("tokens_per_s"),
+            "tokens/s",
+            f">= {E2E_TARGETS['vs own lora']} (QLoRA nearly as fast as dense LoRA)",
+            higher_is_better=True,
+            threshold=E2E_TARGETS["vs own lora"],
+            strict=False,
+            note=(shape + precision) if shape else (f"failed: {failed}" if failed else None),
         )
     )
     rows.append(
@@ -400,7 +419,7 @@ def run(
     """Run one suite; returns the result folder."""
     if suite == "gpu" and not torch.cuda.is_available():
         raise SystemExit("bench --suite gpu needs a CUDA GPU; use --suite cpu here (or benchmarks/gpu_check.py)")
-    out_dir = out_dir or RESULTS_DIR / ("cpu" if suite in ("cpu", "methods") else machine_name())
+    out_dir = out_dir or RESULTS_DIR / machine_name()
     if suite == "methods":
         return run_methods(out_dir, only=only)
     return run_cpu_like(torch.device("cuda" if suite == "gpu" else "cpu"), out_dir, rounds, layer_threads=layer_threads)
@@ -411,7 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qlora-kernels bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--suite", choices=("cpu", "methods", "gpu"), default="cpu")
-    parser.add_argument("--out", type=Path, default=None, help="result folder (default benchmarks/results/cpu)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="result folder (default benchmarks/results/<machine kind or GPU name>)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per layer case")
     parser.add_argument(
         "--layer-threads",
