@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ..common import IGNORE_INDEX
+
 DEFAULT_CHUNK_ROWS = 256  # 256 x 49152 fp32 logits = 48 MiB per chunk
 
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..common import IGNORE_INDEX
 from ..nn import PromptEmbedding
 from .targets import input_embeddings
-
-IGNORE_INDEX = -100
 
 
 class SoftPromptHook:
