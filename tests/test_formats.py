@@ -52,7 +52,7 @@ def test_pack_unpack_is_bit_exact_and_high_nibble_first():
         pack_nibbles(torch.zeros(3, 5, dtype=torch.uint8))
 
 
-# Relative RMSE on N(0, 1) weights (measured: see the closing note of the formats issue).
+# Relative RMSE on N(0, 1) weights (the measured values are in the comments).
 # Bounds sit a few percent above the measurement, below what the next coarser setting gives.
 ERROR_BOUNDS = [
     ("int8", {}, 0.0082),  # measured 0.0079

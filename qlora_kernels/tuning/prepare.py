@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..common import check_bool, check_int
+from ..formats import FORMATS
 from ..formats.quantize import resolve_group_size
 from ..nn import BottleneckAdapter, LoRALinear, QuantLinear
 from ..nn.adapter import check_adapter_options
@@ -31,7 +32,6 @@ from .config import (
     DEFAULT_TARGETS,
     METHODS,
     PARTIAL_POLICIES,
-    QUANT_FORMATS,
     TuningConfig,
     dtype_name,
     model_signature,
@@ -217,8 +217,8 @@ def plan_preparation(
 def _check_quant(method: str, quant: str | None) -> str | None:
     if method == "qlora" and quant is None:
         quant = "nf4"
-    if quant is not None and (not isinstance(quant, str) or quant not in QUANT_FORMATS):
-        raise ValueError(f"quant must be one of {QUANT_FORMATS} or None, got {quant!r}")
+    if quant is not None and (not isinstance(quant, str) or quant not in FORMATS):
+        raise ValueError(f"quant must be one of {FORMATS} or None, got {quant!r}")
     if method == "lora" and quant is not None:
         raise ValueError(f"method='lora' keeps a dense base; for quant={quant!r} use method='qlora'")
     if method == "full" and quant is not None:
