@@ -349,3 +349,10 @@ def test_the_stored_tensor_fields_are_declared_once():
         assert set(spec) <= set(TENSOR_FIELDS)
         assert set(qt.tensors()) == set(spec)
         assert set(qt.state_dict()) == {"meta", *spec}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_moving_to_cuda_without_a_gpu_says_so():
+    qt = qk.quantize(torch.randn(8, 64), "nf4")
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        qt.to("cuda")

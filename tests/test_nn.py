@@ -269,3 +269,8 @@ def test_lora_accepts_integer_alpha_and_numpy_numbers():
 def test_adapter_and_prompt_argument_types(make, exc, match):
     with pytest.raises(exc, match=match):
         make()
+
+
+def test_quant_linear_bias_must_be_a_tensor():
+    with pytest.raises(TypeError, match="bias must be a tensor"):
+        qk.QuantLinear(qk.quantize(torch.randn(80, 96), "int8"), bias=[0.0] * 80)

@@ -100,6 +100,7 @@ class QuantizedTensor:
 
     def to(self, device: torch.device | str, *, copy: bool = False) -> QuantizedTensor:
         """This weight with every stored tensor on `device` (new tensors when ``copy=True``)."""
+        device = check_device(device)
         moved = {name: t.to(device, copy=copy) for name, t in self.tensors().items()}
         return dataclasses.replace(self, **moved)
 
@@ -243,6 +244,6 @@ def save_quantized(qt: QuantizedTensor, path: str | Path) -> None:
 
 def load_quantized(path: str | Path, device: torch.device | str = "cpu") -> QuantizedTensor:
     """Read a file written by `save_quantized` onto `device` (what `QuantizedTensor.load` does)."""
-    target = check_device(device)
+    target = check_device(device)  # before reading: a wrong device fails fast
     qt = QuantizedTensor.from_state_dict(load_safetensors(path), source=str(path))
     return qt.to(target)

@@ -28,6 +28,8 @@ class QuantLinear(nn.Module):
         self.backend = check_backend_name(backend)
         self._set_weight(qweight)
         if bias is not None:
+            if not isinstance(bias, torch.Tensor):
+                raise TypeError(f"bias must be a tensor of shape ({self.out_features},), got {type(bias).__name__}")
             if bias.shape != (self.out_features,):
                 raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
