@@ -3,7 +3,7 @@
 Times (triton.testing.do_bench medians) our forward and forward+backward against bf16
 F.linear + unfused LoRA at 4096x4096 and 4096x14336 (N x K) for M in {1, 16, 256, 4096},
 prints a table and writes results.json + results.md to the folder given as argument.
-Works with torch 2.11 / triton 3.6 (the lent machine) as well as newer versions.
+Works with torch 2.11 / triton 3.6 as well as newer versions.
 
     python benchmarks/gpu_check.py OUT_DIR [--formats int4 nf4 int8] [--quick]
 """

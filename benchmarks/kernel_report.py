@@ -31,6 +31,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from qlora_kernels.formats import FORMAT_IDS  # noqa: E402
 from qlora_kernels.kernels import dequant, qlora_matmul, weight_tile  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -42,7 +43,6 @@ SHAPE = {"M": 16, "N": 4096, "K": 4096, "R": 16}
 #: (format, group) compiled for every kernel: int4 at group 128 (the widest K tiles) and 32
 #: (the narrowest), NF4 at its usual 64, int8 (one config: it shares int4's).
 FORMATS = [("int4", 128), ("int4", 32), ("nf4", 64), ("int8", 1)]
-FORMAT_ID = {"int8": 0, "int4": 1, "nf4": 2}
 DATA_TYPE = {"int8": "*i8", "int4": "*u8", "nf4": "*u8"}
 
 
@@ -244,7 +244,7 @@ def matmul_values(mode: int, fmt: str, group: int, elem: str) -> dict:
 
 
 def weight_constexprs(fmt: str, group: int) -> dict:
-    return {"FORMAT": FORMAT_ID[fmt], "GROUP": group, "SYMMETRIC": False, "DOUBLE_QUANT": fmt == "nf4"}
+    return {"FORMAT": FORMAT_IDS[fmt], "GROUP": group, "SYMMETRIC": False, "DOUBLE_QUANT": fmt == "nf4"}
 
 
 def format_label(fmt: str, group: int) -> str:
@@ -261,7 +261,7 @@ def jobs(quick: bool):
                 c
                 for c in qlora_matmul.gpu_configs(mode)
                 if any(
-                    qlora_matmul.config_is_valid(c, mode, group, FORMAT_ID[fmt], bucket, r_pad)
+                    qlora_matmul.config_is_valid(c, mode, group, FORMAT_IDS[fmt], bucket, r_pad)
                     for bucket in (qlora_matmul.SPLIT_K_MAX_M, qlora_matmul.M_BUCKET_CAP)  # every config some M uses
                 )
             ]

@@ -16,7 +16,7 @@ import torch
 from benchmarks.common import fastest_interleaved, machine_peaks, markdown_table, write_report
 from benchmarks.layers import PROVIDERS, RANK, LayerCase
 
-# CPU-sized subset of the issue's shapes: SmolLM2's MLP projections and one Llama-sized square;
+# CPU-sized subset of the GPU grid's shapes: SmolLM2's MLP projections and one Llama-sized square;
 # M up to an SFT micro-batch (batch 8 x ~200 tokens ~ 1600 tokens) on the small shapes.
 CPU_SHAPES = [(576, 1536), (1536, 576), (2048, 2048)]
 CPU_MS = [1, 16, 256, 1024]

@@ -8,7 +8,7 @@
 * ``gpu``: the layer and memory suites and the SFT step on CUDA (the kernel check and the GPU
   timings with the card's peaks are `benchmarks/gpu_check.py`).
 
-summary.json holds one row per target of the benchmark issue:
+summary.json holds one row per performance target (see benchmarks/README.md):
 ``{"name", "ours", "baseline", "unit", "ratio", "target", "met"}`` (plus an optional "note");
 ``ratio`` is always "higher is better for us" and a target this machine cannot measure (the
 GPU ones on a CPU) has ``met = null`` and says why.
@@ -33,7 +33,7 @@ from benchmarks.memory import bytes_per_param, run_memory_suite
 from benchmarks.run_layers import LAYER_COLUMNS, run_layer_suite
 
 SUMMARY_KEYS = ("name", "ours", "baseline", "unit", "ratio", "target", "met")
-NO_GPU_NOTE = "no GPU was lent for this issue"
+NO_GPU_NOTE = "not measured: needs a CUDA GPU"
 GPU_TARGETS = (
     "gpu: fused NF4/int4 forward at M <= 16 >= 3x faster than bf16 F.linear + LoRA",
     "gpu: fused NF4/int4 forward at M <= 16 >= 2x faster than bitsandbytes + PEFT",
@@ -99,7 +99,7 @@ def target_row(
 
 
 def cpu_targets(layer_rows: list[dict], memory_rows: list[dict], e2e_rows: list[dict]) -> list[dict[str, Any]]:
-    """The issue's CPU targets (layer fwd+bwd and SFT step: faster than bnb + PEFT / TRL, no more peak memory)."""
+    """The CPU performance targets (layer fwd+bwd and SFT step: faster than bnb + PEFT / TRL, no more peak memory)."""
     rows = []
     fb = [r for r in layer_rows if r.get("mode") == "fwd+bwd" and "bnb+peft_ms" in r and "ours_ms" in r]
     if fb:

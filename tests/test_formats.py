@@ -52,7 +52,7 @@ def test_pack_unpack_is_bit_exact_and_high_nibble_first():
         pack_nibbles(torch.zeros(3, 5, dtype=torch.uint8))
 
 
-# Relative RMSE on N(0, 1) weights (measured: see the closing note of the formats issue).
+# Relative RMSE on N(0, 1) weights (the measured values are in the comments).
 # Bounds sit a few percent above the measurement, below what the next coarser setting gives.
 ERROR_BOUNDS = [
     ("int8", {}, 0.0082),  # measured 0.0079
@@ -195,3 +195,164 @@ def test_default_group_falls_back_to_one_that_divides_k():
     assert qk.quantize(torch.randn(4, 128), "int4").group_size == 64
     with pytest.raises(ValueError, match="does not divide"):
         qk.quantize(torch.randn(4, 100), "int4")
+
+
+# ------------------------------------------------------------- corrupt or foreign input
+def _nf4_state() -> dict[str, torch.Tensor]:
+    return qk.quantize(torch.randn(16, 64), "nf4").state_dict()
+
+
+def _with_meta(state: dict[str, torch.Tensor], index: int, value: int) -> dict[str, torch.Tensor]:
+    meta = state["meta"].clone()
+    meta[index] = value
+    return dict(state, meta=meta)
+
+
+@pytest.mark.parametrize(
+    "corrupt,match",
+    [
+        (lambda s: _with_meta(s, 1, 7), r"unknown format id 7 \(known: 0=int8, 1=int4, 2=nf4\)"),
+        (lambda s: _with_meta(s, 1, -1), "unknown format id -1"),
+        (lambda s: dict(s, meta=s["meta"][:5]), "'meta' must be an int64 tensor of 7 values"),
+        (lambda s: dict(s, meta=s["meta"].float()), "'meta' must be an int64 tensor"),
+        (lambda s: _with_meta(s, 4, 0), "group_size must be one of .* got 0"),
+        (lambda s: _with_meta(s, 4, 48), "group_size must be one of .* got 48"),
+        (lambda s: _with_meta(s, 3, 0), r"shape \(16, 0\) is not positive"),
+        (lambda s: _with_meta(s, 5, 2), "symmetric flag must be 0 or 1"),
+        (lambda s: _with_meta(s, 5, 1), "nf4 weight cannot be symmetric"),
+        (lambda s: dict(s, absmax_offset=torch.tensor([float("nan")])), "'absmax_offset' holds NaN or inf"),
+        (lambda s: dict(s, absmax_scales=s["absmax_scales"].clone().fill_(float("inf"))), "'absmax_scales' holds NaN"),
+    ],
+    ids=[
+        "format-id-7",
+        "format-id-minus-1",
+        "short-meta",
+        "float-meta",
+        "group-0",
+        "group-48",
+        "zero-k",
+        "flag-2",
+        "symmetric-nf4",
+        "nan-absmax-offset",
+        "inf-absmax-scales",
+    ],
+)
+def test_corrupt_metadata_or_scales_fail_with_a_clear_error(corrupt, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizedTensor.from_state_dict(corrupt(_nf4_state()))
+
+
+@pytest.mark.parametrize("fmt,field", [("nf4", "scales"), ("int4", "mins"), ("int8", "scales")])
+def test_a_file_with_nan_scales_names_the_file_and_the_tensor(fmt, field, tmp_path):
+    from safetensors.torch import save_file
+
+    state = qk.quantize(torch.randn(16, 64), fmt, double_quant=False).state_dict()
+    state[field] = state[field].clone()
+    state[field][3] = float("nan")
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=rf"{path}: tensor '{field}' holds NaN or inf values"):
+        QuantizedTensor.load(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_file_names_its_path(damage, tmp_path):
+    path = tmp_path / "w.safetensors"
+    qk.quantize(torch.randn(16, 64), "nf4").save(path)
+    data = path.read_bytes()
+    damaged = {"truncated": data[: len(data) // 2], "garbage": b"not a safetensors file" * 8, "empty": b""}
+    path.write_bytes(damaged[damage])
+    with pytest.raises(ValueError, match=f"{path} is not a readable safetensors file"):
+        QuantizedTensor.load(path)
+    with pytest.raises(ValueError, match="is a directory"):
+        QuantizedTensor.load(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_loading_onto_cuda_without_a_gpu_says_so(tmp_path):
+    path = tmp_path / "w.safetensors"
+    qk.quantize(torch.randn(16, 64), "int8").save(path)
+    with pytest.raises(ValueError, match="device='cuda' needs a CUDA GPU, but none is available"):
+        QuantizedTensor.load(path, device="cuda")
+    with pytest.raises(ValueError, match="not a device name"):
+        QuantizedTensor.load(path, device="gpu0")
+
+
+@pytest.mark.parametrize("group_size", [64.0, "64", True, torch.tensor(64)])
+def test_group_size_must_be_an_integer(group_size):
+    with pytest.raises(TypeError, match="group_size must be an integer"):
+        qk.quantize(torch.randn(8, 128), "int4", group_size=group_size)
+
+
+@pytest.mark.parametrize("option", ["symmetric", "double_quant"])
+def test_flags_must_be_booleans(option):
+    with pytest.raises(TypeError, match=f"{option} must be True or False"):
+        qk.quantize(torch.randn(8, 128), "int4", **{option: "no"})
+
+
+@pytest.mark.parametrize("largest", [2.2e37, 3.4e38])
+def test_nf4_double_quant_of_huge_finite_weights_stays_finite(largest):
+    w = torch.randn(64, 128)
+    w = w / w.abs().max() * largest
+    qt = qk.quantize(w, "nf4")
+    back = qt.dequantize(torch.float32, backend="torch")
+    assert torch.isfinite(back).all()
+    err = ((back.double() - w.double()).norm() / w.double().norm()).item()
+    assert err < 0.1  # the usual NF4 error, not a broken scale
+
+
+def test_formats_modules_import_one_way():
+    """No cycle among the formats modules, and no import hidden inside a function."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    package = Path(importlib.import_module("qlora_kernels.formats").__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        top_level = {id(node) for node in tree.body}
+        # `if TYPE_CHECKING:` blocks hold annotation-only imports, never run
+        annotation_only = {
+            id(n)
+            for block in tree.body
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for n in ast.walk(block)
+        }
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and id(node) not in annotation_only:
+                assert id(node) in top_level, f"{path.name} imports .{node.module} inside a function"
+                deps.add(node.module)
+        graph[path.stem] = deps
+    done: set[str] = set()
+
+    def visit(name: str, stack: tuple[str, ...]) -> None:
+        assert name not in stack, f"import cycle: {' -> '.join((*stack, name))}"
+        if name not in done:
+            for dep in graph.get(name, ()):
+                visit(dep, (*stack, name))
+            done.add(name)
+
+    for name in graph:
+        visit(name, ())
+
+
+def test_the_stored_tensor_fields_are_declared_once():
+    from qlora_kernels.formats import TENSOR_FIELDS
+    from qlora_kernels.formats.layout import layout
+
+    assert TENSOR_FIELDS == ("data", "scales", "mins", "absmax_scales", "absmax_offset")
+    for fmt, kw in CASES:
+        qt = qk.quantize(torch.randn(16, 256), fmt, **kw)
+        spec = layout(qt.format, qt.shape, qt.group_size, symmetric=qt.symmetric, double_quant=qt.double_quant)
+        assert set(spec) <= set(TENSOR_FIELDS)
+        assert set(qt.tensors()) == set(spec)
+        assert set(qt.state_dict()) == {"meta", *spec}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_moving_to_cuda_without_a_gpu_says_so():
+    qt = qk.quantize(torch.randn(8, 64), "nf4")
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        qt.to("cuda")

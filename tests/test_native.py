@@ -10,8 +10,7 @@ import torch
 from helpers import poisoned
 
 import qlora_kernels as qk
-from qlora_kernels.formats import dynamic_table, nf4_table
-from qlora_kernels.ops import dequant as dequant_ops
+from qlora_kernels.formats import auto_backend, dynamic_table, nf4_table
 from qlora_kernels.ops import native
 from qlora_kernels.ops.qlora_linear import qlora_linear
 
@@ -135,7 +134,7 @@ def test_fp16_overflow_and_subnormals_match_the_reference() -> None:
 @needs_native
 def test_auto_prefers_native_on_the_cpu() -> None:
     qt = qk.quantize(torch.randn(8, 64), "nf4")
-    assert dequant_ops._auto_backend(qt) == "native"
+    assert auto_backend(qt.device) == "native"
     assert torch.equal(qt.dequantize(torch.bfloat16), qt.dequantize(torch.bfloat16, backend="torch"))
     assert set(native.native_ops()) == set(native.OP_NAMES)
 
@@ -184,8 +183,8 @@ def test_qlora_linear_with_native_equals_the_fallback_exactly(monkeypatch: pytes
         return y.detach(), xs.grad, la.grad, lb.grad
 
     with_native = run()
-    monkeypatch.setattr(dequant_ops, "native_available", lambda: False)
-    assert dequant_ops._auto_backend(qt) == "torch"
+    monkeypatch.setattr(native, "native_available", lambda: False)
+    assert auto_backend(qt.device) == "torch"
     without = run()
     for got, expected in zip(with_native, without, strict=True):
         assert torch.equal(got, expected)
@@ -243,7 +242,7 @@ def test_fallback_without_the_extension(forced_fallback) -> None:
     assert native.native_ops() == ()
     assert "extension not built" in native.native_status().error
     qt = qk.quantize(torch.randn(17, 64), "nf4")
-    assert dequant_ops._auto_backend(qt) == "torch"
+    assert auto_backend(qt.device) == "torch"
     assert torch.equal(qt.dequantize(torch.bfloat16), qt.dequantize(torch.bfloat16, backend="torch"))
     with pytest.raises(ValueError, match=r"backend='native' is unavailable: extension not built.*QK_BUILD_NATIVE=1"):
         qt.dequantize(torch.bfloat16, backend="native")

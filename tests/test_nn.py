@@ -188,3 +188,89 @@ def test_same_a_b_scaling_give_the_same_output_as_peft():
     x = torch.randn(3, 7, 96)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), peft_model(x), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------- state handling
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
+def test_replace_weight_moves_the_new_weight_to_the_layer_device(fmt):
+    q = qk.QuantLinear.from_linear(_linear(), fmt).to("meta")
+    q.replace_weight(qk.quantize(torch.randn(80, 96), fmt))  # a CPU weight
+    assert {b.device.type for b in q.buffers()} == {"meta"}
+
+
+def test_loading_a_state_dict_copies_it_instead_of_aliasing_it():
+    q = qk.QuantLinear.from_linear(_linear(), "nf4")
+    source = qk.QuantLinear.from_linear(_linear(), "nf4").state_dict()
+    q.load_state_dict(source)
+    x = torch.randn(3, 96)
+    before = q(x)
+    for name, tensor in source.items():
+        assert getattr(q, name).data_ptr() != tensor.data_ptr(), f"{name} aliases the caller's state dict"
+        tensor.zero_()  # the caller reuses its buffers
+    assert torch.equal(q(x), before)
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_loading_a_state_dict_keeps_the_layer_on_its_device():
+    q = qk.QuantLinear.from_linear(_linear(), "int4").to("meta")
+    q.load_state_dict(qk.QuantLinear.from_linear(_linear(), "int4").state_dict())  # CPU tensors
+    assert {b.device.type for b in q.buffers()} == {"meta"}
+
+
+def test_a_state_dict_with_nan_scales_is_refused_with_the_tensor_name():
+    model = nn.Sequential(qk.QuantLinear.from_linear(_linear(), "nf4", double_quant=False))
+    state = model.state_dict()
+    state["0.weight_scales"][0] = float("nan")
+    with pytest.raises(ValueError, match="'0.weight_scales' holds NaN or inf"):
+        model.load_state_dict(state)
+
+
+def test_quant_linear_rejects_an_unknown_backend_when_built():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        qk.QuantLinear.from_linear(_linear(), "nf4", backend="cuda-magic")
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"r": True}, TypeError, "r must be an integer, got True"),
+        ({"r": 4.0}, TypeError, "r must be an integer"),
+        ({"alpha": "32"}, TypeError, "alpha must be a real number"),
+        ({"alpha": float("nan")}, ValueError, "alpha must be a finite number"),
+        ({"alpha": float("inf")}, ValueError, "alpha must be a finite number"),
+        ({"alpha": 0}, ValueError, "alpha must be positive"),
+        ({"alpha": False}, TypeError, "alpha must be a real number"),
+        ({"dropout": "0.1"}, TypeError, "dropout must be a real number"),
+        ({"dropout": float("nan")}, ValueError, "dropout must be a finite number"),
+        ({"use_rslora": 1}, TypeError, "use_rslora must be True or False"),
+    ],
+)
+def test_lora_argument_types_and_values(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        qk.LoRALinear(qk.QuantLinear.from_linear(_linear(), "nf4"), **{"r": 4, **kwargs})
+
+
+def test_lora_accepts_integer_alpha_and_numpy_numbers():
+    np = pytest.importorskip("numpy")
+    lora = qk.LoRALinear(_linear(), r=np.int64(4), alpha=np.float32(8.0))
+    assert lora.r == 4 and isinstance(lora.r, int) and lora.scaling == 2.0
+    assert qk.LoRALinear(_linear(), r=4, alpha=8).scaling == 2.0
+
+
+@pytest.mark.parametrize(
+    "make,exc,match",
+    [
+        (lambda: qk.PromptEmbedding(True, 8), TypeError, "num_virtual_tokens must be an integer"),
+        (lambda: qk.PromptEmbedding(4, 8.0), TypeError, "token_dim must be an integer"),
+        (lambda: qk.BottleneckAdapter(64, bottleneck=True), TypeError, "bottleneck must be an integer"),
+        (lambda: qk.BottleneckAdapter(64, bottleneck=8, dropout="0"), TypeError, "dropout must be a real number"),
+    ],
+)
+def test_adapter_and_prompt_argument_types(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_quant_linear_bias_must_be_a_tensor():
+    with pytest.raises(TypeError, match="bias must be a tensor"):
+        qk.QuantLinear(qk.quantize(torch.randn(80, 96), "int8"), bias=[0.0] * 80)

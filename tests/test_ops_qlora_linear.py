@@ -9,6 +9,7 @@ import torch
 from helpers import assert_close_by_norm
 
 import qlora_kernels as qk
+from qlora_kernels.formats.backends import auto_backend
 from qlora_kernels.ops.qlora_linear import QLoRALinearFunction, resolve_backend
 
 K, N, R = 64, 48, 4
@@ -107,14 +108,20 @@ def test_unknown_backend_and_bad_weight(args):
 
 def test_auto_backend_on_the_cpu_uses_native_when_built(monkeypatch):
     module = importlib.import_module("qlora_kernels.ops.qlora_linear")
+    native = importlib.import_module("qlora_kernels.ops.native")
+    cpu = torch.device("cpu")
 
-    monkeypatch.setattr(module, "native_available", lambda: True)
-    assert resolve_backend("auto", torch.device("cpu")).decode == "native"
-    monkeypatch.setattr(module, "native_available", lambda: False)
-    assert resolve_backend("auto", torch.device("cpu")).decode == "torch"
-    assert resolve_backend("torch", torch.device("cpu")).decode == "torch"
+    for built in (True, False):
+        monkeypatch.setattr(native, "native_available", lambda built=built: built)
+        monkeypatch.setattr(module, "native_available", lambda built=built: built)
+        expected = "native" if built else "torch"
+        assert resolve_backend("auto", cpu).decode == expected
+        # one policy: dequantize(backend="auto") picks the same backend as qlora_linear
+        assert auto_backend(cpu) == expected
+    assert auto_backend(torch.device("cuda")) == "triton"
+    assert resolve_backend("torch", cpu).decode == "torch"
     with pytest.raises(ValueError, match="not built"):
-        resolve_backend("native", torch.device("cpu"))
+        resolve_backend("native", cpu)
     assert QLoRALinearFunction is not None
 
 
@@ -130,3 +137,45 @@ def test_native_and_torch_backends_agree_exactly(args):
     y2 = qk.qlora_linear(x, qt, a, b, 0.5, bias, backend="torch")
     (g2,) = torch.autograd.grad(y2.square().sum(), x)
     assert torch.equal(y1, y2) and torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize(
+    "scaling,exc,match",
+    [
+        (float("nan"), ValueError, "scaling must be a finite number, got nan"),
+        (float("inf"), ValueError, "scaling must be a finite number"),
+        ("1", TypeError, "scaling must be a real number"),
+        (True, TypeError, "scaling must be a real number"),
+        (None, TypeError, "scaling must be a real number"),
+    ],
+)
+def test_scaling_must_be_a_finite_number(args, scaling, exc, match):
+    qt, a, b, bias = args
+    with pytest.raises(exc, match=match):
+        qk.qlora_linear(torch.randn(2, K), qt, a, b, scaling, bias, backend="torch")
+
+
+def test_register_qlora_backend_makes_the_name_selectable(args, monkeypatch):
+    module = importlib.import_module("qlora_kernels.ops.qlora_linear")
+    monkeypatch.setattr(module, "_BACKEND_IMPLS", dict(module._BACKEND_IMPLS))  # forget "mine" afterwards
+
+    class Counting(module.TorchBackend):
+        calls = 0
+
+        def forward(self, *a, **kw):
+            Counting.calls += 1
+            return super().forward(*a, **kw)
+
+    qk.ops.register_qlora_backend("mine", Counting("torch"))
+    assert "mine" in module.qlora_backend_names()
+    qt, a, b, bias = args
+    x = torch.randn(3, K)
+    y = qk.qlora_linear(x, qt, a, b, 0.5, bias, backend="mine")
+    assert Counting.calls == 1
+    assert_close_by_norm(y, qk.qlora_linear_ref(x, qt, a, b, 0.5, bias), 1e-6)
+    qk.QuantLinear(qt, bias, backend="mine")(x)
+    assert Counting.calls == 2
+    with pytest.raises(TypeError, match="must provide forward"):
+        qk.ops.register_qlora_backend("broken", object())
+    with pytest.raises(ValueError, match="other than 'auto'"):
+        qk.ops.register_qlora_backend("auto", module.TorchBackend("torch"))

@@ -344,3 +344,63 @@ def test_param_groups_layerwise_decay(tiny):
     assert sum(len(g["params"]) for g in qk.param_groups(lora, 1e-3)) == 3 * 4 * 2
     with pytest.raises(ValueError, match="decay must be in"):
         qk.param_groups(model, 1e-3, decay=0)
+
+
+class _EmptyTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": []}
+
+
+def _assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    assert getattr(model, "qk_config", None) is None
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for name, tensor in before.items():
+        assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(isinstance(m, (LoRALinear, QuantLinear, BottleneckAdapter)) for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "method,opts,exc,match",
+    [
+        ("qlora", {"init": "xavier"}, ValueError, "init must be one of"),
+        ("qlora", {"alpha": float("nan")}, ValueError, "alpha must be a finite number"),
+        ("lora", {"alpha": "32"}, TypeError, "alpha must be a real number"),
+        ("lora", {"alpha": -8}, ValueError, "alpha must be positive"),
+        ("lora", {"r": True}, TypeError, "r must be an integer"),
+        ("lora", {"dropout": float("nan")}, ValueError, "dropout must be a finite number"),
+        ("lora", {"use_rslora": 1}, TypeError, "use_rslora must be True or False"),
+        ("lora", {"target_modules": 5}, TypeError, "target_modules must be"),
+        ("qlora", {"group_size": 64.0}, TypeError, "group_size must be an integer"),
+        ("qlora", {"double_quant": "yes"}, TypeError, "double_quant must be True or False"),
+        ("adapter", {"bottleneck": 8.0}, TypeError, "bottleneck must be an integer"),
+        ("adapter", {"adapter_activation": "swish"}, ValueError, "activation must be one of"),
+        ("prompt", {"num_virtual_tokens": True}, TypeError, "num_virtual_tokens must be an integer"),
+        ("prompt", {"prompt_init_text": "x", "tokenizer": _EmptyTokenizer()}, ValueError, "tokenizes to nothing"),
+        ("partial", {"policy": "top_k", "k": True}, TypeError, "k must be an integer"),
+        ("lora", {"gradient_checkpointing": "yes"}, TypeError, "gradient_checkpointing must be True or False"),
+        ("lora", {"compute_dtype": "int8"}, ValueError, "compute_dtype must be one of"),
+    ],
+)
+def test_every_bad_option_leaves_the_model_unchanged(tiny, method, opts, exc, match):
+    model = fresh(tiny)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(exc, match=match):
+        qk.prepare_model(model, method, **opts)
+    _assert_unchanged(model, before)
+
+
+def test_gradient_checkpointing_on_a_plain_module_is_refused_before_changes():
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(8, 8))
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match="needs a transformers model"):
+        qk.prepare_model(model, "lora", r=2, gradient_checkpointing=True)
+    _assert_unchanged(model, before)
+
+
+def test_prepare_model_needs_a_module():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        qk.prepare_model("model")

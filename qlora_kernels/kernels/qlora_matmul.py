@@ -39,10 +39,10 @@ from .weight_tile import load_weight_tile
 
 # ------------------------------------------------------------------------------ dispatch
 #: Largest M (rows of x) that takes the fused forward kernel; above it, dequantize + cuBLAS.
-#: NOT measured yet: no GPU was lent for issue 3. Measure with benchmarks/gpu_check.py on the
-#: target card: time both paths (`force_path`) for M in 1..1024 at 4096x4096 and 4096x14336
-#: and set this to the largest M where the fused kernel is still faster. 64 is the design's
-#: memory-bound limit (DESIGN.md section 5), a starting guess.
+#: Not measured on a GPU yet. Measure with benchmarks/gpu_check.py on the target card: time both
+#: paths (`force_path`) for M in 1..1024 at 4096x4096 and 4096x14336 and set this to the largest
+#: M where the fused kernel is still faster. 64, a starting guess, is where the fused forward
+#: stops being bound by reading the weight (docs/architecture.md, "One qlora_linear call").
 FUSED_MAX_M = 64
 #: Same, for the backward dX kernel (dY (M, N) @ W). Same measurement, fwd+bwd timings.
 FUSED_BWD_MAX_M = 64
@@ -73,7 +73,7 @@ MIN_PACKED_BYTES_PER_THREAD = 16
 #: per split at M = 16 (K = 4096), 1/256 at M = 1, hence the limit 16. Reduction scheme:
 #: the last program of a tile (atomic counter) sums the partials in split order, so results
 #: are bitwise reproducible, unlike fp32 atomic adds into the output (order-dependent), and
-#: it needs one launch, no zero-filled buffer and no cast pass. Not timed (no GPU lent).
+#: it needs one launch, no zero-filled buffer and no cast pass. Not timed on a GPU yet.
 SPLIT_K_MAX_M = 16
 #: Shared memory budget used to prune configs: 99 KiB fits every sm_80+ card (sm_86/89 cap;
 #: A100 has 163 KiB, H100 227 KiB), so a config never fails to launch for lack of it.
@@ -321,7 +321,7 @@ def gpu_configs(mode: int) -> list[triton.Config]:
     and sm_90, triton 3.9). Latency is then hidden by several CTAs per SM (<= 168 registers).
     Backward (dY @ W, W as the B operand): its pipelined copies are 128-bit, so it keeps stages.
     The weight tile's K extent (BLOCK_RED forward, BLOCK_OUT backward) is bounded by the group.
-    Not yet timed on a GPU (none lent): the autotuner picks among them per bucketed M.
+    Not timed on a GPU yet: the autotuner picks among them per bucketed M.
     """
     if mode == MODE_FORWARD:
         return [

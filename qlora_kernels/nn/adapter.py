@@ -10,7 +10,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..common import check_int, check_real
+
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+def check_adapter_options(hidden_size: int, bottleneck: int, activation: str, dropout: float) -> None:
+    """Validate a bottleneck adapter's options (shared with `prepare_model`, which checks before changing a model)."""
+    hidden_size = check_int(hidden_size, "hidden_size", minimum=1)
+    bottleneck = check_int(bottleneck, "bottleneck", minimum=1)
+    if bottleneck > hidden_size:
+        raise ValueError(f"bottleneck must be an integer in [1, hidden_size={hidden_size}], got {bottleneck!r}")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    dropout = check_real(dropout, "dropout")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
 
 class BottleneckAdapter(nn.Module):
@@ -18,12 +33,7 @@ class BottleneckAdapter(nn.Module):
 
     def __init__(self, hidden_size: int, bottleneck: int = 64, activation: str = "gelu", dropout: float = 0.0) -> None:
         super().__init__()
-        if not isinstance(bottleneck, int) or not 1 <= bottleneck <= hidden_size:
-            raise ValueError(f"bottleneck must be an integer in [1, hidden_size={hidden_size}], got {bottleneck!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_adapter_options(hidden_size, bottleneck, activation, dropout)
         self.hidden_size, self.bottleneck = hidden_size, bottleneck
         self.down = nn.Linear(hidden_size, bottleneck)
         self.act = ACTIVATIONS[activation]()

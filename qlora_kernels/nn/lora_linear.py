@@ -13,11 +13,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common import check_bool, check_int, check_real
 from ..formats import quantize
 from ..ops import qlora_linear
 from .quant_linear import QuantLinear
 
 INITS = ("kaiming", "gaussian")
+
+
+def check_lora_options(
+    r: int, alpha: float, dropout: float, use_rslora: bool, init: str, max_r: int | None = None
+) -> tuple[int, float, float]:
+    """Validate LoRA's options (shared with `prepare_model`, which checks before changing a model).
+
+    Returns (r, alpha, dropout) as int, float, float. `max_r`: min(in_features, out_features) of the
+    layer, when known.
+    """
+    r = check_int(r, "r", minimum=1)
+    if max_r is not None and r > max_r:
+        raise ValueError(f"r must be an integer in [1, min(in_features, out_features)={max_r}], got {r}")
+    alpha = check_real(alpha, "alpha")
+    if alpha <= 0:
+        raise ValueError(f"alpha must be positive (scaling = alpha / r), got {alpha}")
+    dropout = check_real(dropout, "dropout")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    check_bool(use_rslora, "use_rslora")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    return r, alpha, dropout
 
 
 class LoRALinear(nn.Module):
@@ -36,12 +60,7 @@ class LoRALinear(nn.Module):
         if not isinstance(base, (nn.Linear, QuantLinear)):
             raise TypeError(f"LoRALinear wraps an nn.Linear or a QuantLinear, got {type(base).__name__}")
         in_f, out_f = base.in_features, base.out_features
-        if not isinstance(r, int) or r < 1 or r > min(in_f, out_f):
-            raise ValueError(f"r must be an integer in [1, min(in_features, out_features)={min(in_f, out_f)}], got {r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        r, alpha, dropout = check_lora_options(r, alpha, dropout, use_rslora, init, max_r=min(in_f, out_f))
         base.requires_grad_(False)  # the base is frozen: only lora_A / lora_B train
         self.base = base
         self.in_features, self.out_features = in_f, out_f

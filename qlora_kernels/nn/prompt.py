@@ -9,17 +9,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..common import check_int
+
 
 class PromptEmbedding(nn.Module):
     """num_virtual_tokens soft prompt vectors, initialised from given embeddings or N(0, 1)."""
 
     def __init__(self, num_virtual_tokens: int, token_dim: int, init: torch.Tensor | None = None) -> None:
         super().__init__()
-        if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}")
+        num_virtual_tokens = check_int(num_virtual_tokens, "num_virtual_tokens", minimum=1)
+        token_dim = check_int(token_dim, "token_dim", minimum=1)
         self.num_virtual_tokens, self.token_dim = num_virtual_tokens, token_dim
         self.embedding = nn.Embedding(num_virtual_tokens, token_dim, dtype=torch.float32)
         if init is not None:
+            if not isinstance(init, torch.Tensor):
+                raise TypeError(f"init must be a tensor of shape ({num_virtual_tokens}, {token_dim}) or None")
             if tuple(init.shape) != (num_virtual_tokens, token_dim):
                 raise ValueError(f"init must have shape ({num_virtual_tokens}, {token_dim}), got {tuple(init.shape)}")
             with torch.no_grad():

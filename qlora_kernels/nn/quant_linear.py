@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats import QuantizedTensor, quantize
+from ..formats import TENSOR_FIELDS, QuantizedTensor, quantize
 from ..ops import qlora_linear
+from ..ops.qlora_linear import check_backend_name
 
 _PREFIX = "weight_"
-_FIELDS = ("data", "scales", "mins", "absmax_scales", "absmax_offset")
 
 
 class QuantLinear(nn.Module):
@@ -25,9 +25,11 @@ class QuantLinear(nn.Module):
         if not isinstance(qweight, QuantizedTensor):
             raise TypeError(f"QuantLinear needs a QuantizedTensor (qk.quantize(w, ...)), got {type(qweight).__name__}")
         self.out_features, self.in_features = qweight.shape
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         self._set_weight(qweight)
         if bias is not None:
+            if not isinstance(bias, torch.Tensor):
+                raise TypeError(f"bias must be a tensor of shape ({self.out_features},), got {type(bias).__name__}")
             if bias.shape != (self.out_features,):
                 raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -35,14 +37,13 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def _set_weight(self, qweight: QuantizedTensor) -> None:
+        """(Re)register the buffers: ``weight_<field>`` for every stored tensor and ``weight_meta``."""
         self.format = qweight.format
         self.group_size = qweight.group_size
         self.symmetric = qweight.symmetric
-        for name, tensor in qweight.state_dict().items():
-            self.register_buffer(_PREFIX + name, tensor)
-        for name in _FIELDS:  # absent optional fields are explicit None buffers
-            if not hasattr(self, _PREFIX + name):
-                self.register_buffer(_PREFIX + name, None)
+        state = qweight.state_dict()
+        for name in (*TENSOR_FIELDS, "meta"):  # absent optional fields are explicit None buffers
+            self.register_buffer(_PREFIX + name, state.get(name))
 
     @classmethod
     def from_linear(
@@ -65,19 +66,18 @@ class QuantLinear(nn.Module):
     @property
     def qweight(self) -> QuantizedTensor:
         """The packed weight as a `QuantizedTensor` (a view of the buffers, no copy)."""
-        fields = {name: getattr(self, _PREFIX + name) for name in _FIELDS}
+        fields = {name: getattr(self, _PREFIX + name) for name in TENSOR_FIELDS}
         return QuantizedTensor(
             self.format, (self.out_features, self.in_features), self.group_size, symmetric=self.symmetric, **fields
         )
 
     def replace_weight(self, qweight: QuantizedTensor) -> None:
-        """Swap in a new packed weight of the same shape (used by merging)."""
+        """Swap in a new packed weight of the same shape (used by merging), moved to this layer's device."""
+        if not isinstance(qweight, QuantizedTensor):
+            raise TypeError(f"replace_weight needs a QuantizedTensor, got {type(qweight).__name__}")
         if qweight.shape != (self.out_features, self.in_features):
             raise ValueError(f"new weight has shape {qweight.shape}, layer is {(self.out_features, self.in_features)}")
-        for name in (*_FIELDS, "meta"):
-            if hasattr(self, _PREFIX + name):
-                delattr(self, _PREFIX + name)
-        self._set_weight(qweight.to(self.weight_data.device) if hasattr(self, "weight_data") else qweight)
+        self._set_weight(qweight.to(self.weight_data.device))
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.qweight.dequantize(dtype)
@@ -86,14 +86,16 @@ class QuantLinear(nn.Module):
         return qlora_linear(x, self.qweight, None, None, 1.0, self.bias, backend=self.backend)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
-        key = prefix + _PREFIX + "meta"
-        if key in state_dict:
-            # Rebuild (and validate) the packed weight from the incoming tensors before copying.
-            incoming = {k[len(prefix + _PREFIX) :]: v for k, v in state_dict.items() if k.startswith(prefix + _PREFIX)}
+        if prefix + _PREFIX + "meta" in state_dict:
+            # Validate the incoming weight, then give the layer buffers of its layout (own copies on
+            # this layer's device: the caller's state dict is never aliased); nn.Module copies into them.
             qt = QuantizedTensor.from_state_dict(
-                incoming, expect_shape=(self.out_features, self.in_features), expect_format=self.format
+                state_dict,
+                prefix + _PREFIX,
+                expect_shape=(self.out_features, self.in_features),
+                expect_format=self.format,
             )
-            self.replace_weight(qt)
+            self._set_weight(qt.to(self.weight_data.device, copy=True))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
 
     def extra_repr(self) -> str:

@@ -1,11 +1,15 @@
-"""Dequantization backends beyond the reference: Triton (CUDA or interpreter) and native C++."""
+"""Dequantization backends beyond the reference: Triton (CUDA or interpreter) and native C++.
+
+Each says where ``backend="auto"`` should prefer it; the policy itself is
+`qlora_kernels.formats.backends.auto_backend`.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ..formats import QuantizedTensor, register_dequant_backend, set_auto_policy
-from .native import dequantize_native, native_available
+from ..formats import QuantizedTensor, register_dequant_backend
+from . import native
 
 
 def _dequantize_triton(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
@@ -14,15 +18,13 @@ def _dequantize_triton(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_triton(qt, dtype)
 
 
-def _auto_backend(qt: QuantizedTensor) -> str:
-    """Triton on CUDA; on the CPU the C++ extension when it is built, else the reference."""
-    if qt.device.type == "cuda":
-        return "triton"
-    if qt.device.type == "cpu" and native_available():
-        return "native"
-    return "torch"
+def _triton_auto_on(device: torch.device) -> bool:
+    return device.type == "cuda"
 
 
-register_dequant_backend("triton", _dequantize_triton)
-register_dequant_backend("native", dequantize_native)
-set_auto_policy(_auto_backend)
+def _native_auto_on(device: torch.device) -> bool:
+    return device.type == "cpu" and native.native_available()
+
+
+register_dequant_backend("triton", _dequantize_triton, auto_on=_triton_auto_on)
+register_dequant_backend("native", native.dequantize_native, auto_on=_native_auto_on)

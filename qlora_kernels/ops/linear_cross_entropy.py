@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..common import IGNORE_INDEX
 from .compute_policy import cpu_matmul_dtype
 
-IGNORE_INDEX = -100
 DEFAULT_CHUNK_ROWS = 256  # 256 x 49152 fp32 logits = 48 MiB per chunk
 
 

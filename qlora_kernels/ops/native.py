@@ -19,8 +19,8 @@ from types import ModuleType
 
 import torch
 
+from ..common import FLOAT_DTYPES
 from ..formats import QuantizedTensor, dynamic_table, nf4_table
-from ..formats.backends import OUTPUT_DTYPES
 
 EXTENSION = "qlora_kernels._native"
 OP_NAMES: tuple[str, ...] = ("dequantize_int8_into", "dequantize_int4_into", "dequantize_nf4_into")
@@ -106,8 +106,8 @@ def dequantize_into(qt: QuantizedTensor, out: torch.Tensor) -> torch.Tensor:
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(qt.shape):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"dequantize_into: out must be a tensor of the weight's shape {tuple(qt.shape)}, got {got}")
-    if out.dtype not in OUTPUT_DTYPES:
-        raise TypeError(f"dequantize_into: out's dtype must be one of {OUTPUT_DTYPES}, got {out.dtype}")
+    if out.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dequantize_into: out's dtype must be one of {FLOAT_DTYPES}, got {out.dtype}")
     ops = torch.ops.qlora_kernels
     if qt.format == "int8":
         ops.dequantize_int8_into(qt.data, qt.scales, out)

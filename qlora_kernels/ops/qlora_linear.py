@@ -16,12 +16,11 @@ from typing import Protocol
 
 import torch
 
+from ..common import FLOAT_DTYPES, check_real
 from ..formats import QuantizedTensor
+from ..formats.backends import auto_backend
 from .compute_policy import cpu_matmul_dtype
 from .native import native_available, workspace
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = ("auto", "torch", "triton", "native")
 
 
 # --------------------------------------------------------------------------- reference
@@ -128,11 +127,26 @@ def lora_weight_grads(
 
 
 _BACKEND_IMPLS: dict[str, QLoRABackend] = {"torch": TorchBackend("torch"), "native": TorchBackend("native")}
+#: Loaded on first use, so that importing the package never imports Triton.
+_LAZY_BACKENDS = ("triton",)
 
 
 def register_qlora_backend(name: str, impl: QLoRABackend) -> None:
-    """Make `impl` selectable as ``qlora_linear(..., backend=name)``."""
+    """Make `impl` selectable as ``qlora_linear(..., backend=name)`` (and ``QuantLinear(backend=name)``)."""
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"register_qlora_backend: name must be a non-empty string other than 'auto', got {name!r}")
+    missing = [m for m in ("forward", "grad_input") if not callable(getattr(impl, m, None))]
+    if missing:
+        raise TypeError(
+            f"register_qlora_backend: impl must provide forward() and grad_input() (see QLoRABackend); "
+            f"{type(impl).__name__} lacks {missing}"
+        )
     _BACKEND_IMPLS[name] = impl
+
+
+def qlora_backend_names() -> tuple[str, ...]:
+    """Every name ``qlora_linear(backend=...)`` accepts."""
+    return ("auto", *_BACKEND_IMPLS, *(n for n in _LAZY_BACKENDS if n not in _BACKEND_IMPLS))
 
 
 def _triton_backend() -> QLoRABackend:
@@ -145,18 +159,21 @@ def _triton_backend() -> QLoRABackend:
     return _BACKEND_IMPLS["triton"]
 
 
+def check_backend_name(backend: object) -> str:
+    """`backend` unchanged if ``qlora_linear`` accepts it, else a TypeError/ValueError listing the names."""
+    if not isinstance(backend, str):
+        raise TypeError(f"qlora_linear: backend must be a string, got {type(backend).__name__}")
+    if backend not in qlora_backend_names():
+        raise ValueError(f"qlora_linear: backend must be one of {qlora_backend_names()}, got {backend!r}")
+    return backend
+
+
 def resolve_backend(backend: str, device: torch.device) -> QLoRABackend:
-    """The implementation for `backend` on `device` ("auto": Triton on CUDA, else native or torch)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"qlora_linear: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if device.type == "cuda":
-            backend = "triton"
-        else:
-            backend = "native" if device.type == "cpu" and native_available() else "torch"
-    if backend == "triton":
+    """The implementation for `backend` on `device` ("auto": `formats.backends.auto_backend`'s choice)."""
+    name = auto_backend(device) if check_backend_name(backend) == "auto" else backend
+    if name == "triton":
         return _triton_backend()
-    if backend == "native":
+    if name == "native":
         if device.type != "cpu":
             raise ValueError(f"qlora_linear: backend='native' runs on the CPU only, got tensors on {device}")
         if not native_available():
@@ -164,7 +181,7 @@ def resolve_backend(backend: str, device: torch.device) -> QLoRABackend:
                 "qlora_linear: backend='native' needs the C++ extension, which is not built; rebuild with "
                 "QK_BUILD_NATIVE=1 pip install --no-build-isolation -e . (or use backend='torch')"
             )
-    return _BACKEND_IMPLS[backend]
+    return _BACKEND_IMPLS[name]
 
 
 # ------------------------------------------------------------------------------ autograd
@@ -205,8 +222,9 @@ class QLoRALinearFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------ checks
-def check_qlora_args(x, qt, lora_a, lora_b, bias) -> None:
+def check_qlora_args(x, qt, lora_a, lora_b, scaling, bias) -> None:
     """Clear TypeError/ValueError for every argument `qlora_linear` cannot take."""
+    check_real(scaling, "qlora_linear: scaling")
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"qlora_linear: qt must be a QuantizedTensor (qk.quantize(...)), got {type(qt).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
@@ -219,12 +237,15 @@ def check_qlora_args(x, qt, lora_a, lora_b, bias) -> None:
         )
     if (lora_a is None) != (lora_b is None):
         raise ValueError("qlora_linear: pass both lora_a and lora_b, or neither (no LoRA)")
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"qlora_linear: {name} must be a tensor or None, got {type(t).__name__}")
     if lora_a is not None:
         if lora_a.dim() != 2 or lora_b.dim() != 2:
             raise ValueError("qlora_linear: lora_a must be (r, K) and lora_b (N, r)")
         r = lora_a.shape[0]
         if lora_a.shape != (r, k):
-            raise ValueError(f"qlora_linear: lora_a must have shape (r, K=({r}, {k})), got {tuple(lora_a.shape)}")
+            raise ValueError(f"qlora_linear: lora_a must have shape (r, K)=({r}, {k}), got {tuple(lora_a.shape)}")
         if lora_b.shape != (n, r):
             raise ValueError(
                 f"qlora_linear: lora_b must have shape (N, r)=({n}, {r}) to match lora_a, got {tuple(lora_b.shape)}"
@@ -259,7 +280,7 @@ def qlora_linear(
     the native decode into a reused buffer when built, else PyTorch), ``"triton"``, ``"native"``
     or ``"torch"`` (the pure-PyTorch decode).
     """
-    check_qlora_args(x, qt, lora_a, lora_b, bias)
+    check_qlora_args(x, qt, lora_a, lora_b, scaling, bias)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..common import atomic_write
+
 LATEST = "latest"
 PREFIX = "checkpoint-"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -99,9 +101,7 @@ def save_checkpoint(
     if final.exists():  # the same step saved again (e.g. Ctrl-C right after a periodic save)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    pointer_tmp = output_dir / f"{TMP_PREFIX}{LATEST}-{os.getpid()}"
-    pointer_tmp.write_text(final.name, encoding="utf-8")
-    os.replace(pointer_tmp, output_dir / LATEST)
+    atomic_write(output_dir / LATEST, lambda tmp: tmp.write_text(final.name, encoding="utf-8"))
     _fsync_dir(output_dir)
     _prune(output_dir, keep, final)
     return final

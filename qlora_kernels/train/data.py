@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from ..common import IGNORE_INDEX
+
 ROLES = ("system", "user", "assistant")
 # A length-grouped batch is cut from a window of this many batches sorted by length: similar
 # lengths (little padding) while the order stays random across windows.

@@ -1,7 +1,7 @@
 """Generation-based evaluation: batched greedy decoding with left padding, format / exact metrics.
 
 The token budget comes from the tokenizer, not from characters: "Итого: 365 рублей." is about
-18 tokens for 18 characters with SmolLM2's tokenizer (DESIGN.md section 9).
+18 tokens for 18 characters with SmolLM2's tokenizer.
 """
 
 from __future__ import annotations

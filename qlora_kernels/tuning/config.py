@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 METHODS = ("qlora", "lora", "adapter", "prompt", "partial", "full")
-QUANT_FORMATS = ("nf4", "int4", "int8")
 PARTIAL_POLICIES = ("head", "top_k", "no_embeddings")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

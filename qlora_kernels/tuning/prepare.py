@@ -10,30 +10,35 @@ Defaults, and why:
   every linear except the LM head for quantizing the frozen base of the other methods.
 * Input embeddings are made to require grad whenever they are frozen, so gradient
   checkpointing (now or enabled later) trains the adapters (peft #137).
-Everything is validated before the model is touched: a bad option leaves it unchanged.
+Plan, then apply: `plan_preparation` validates every option and decides what to replace, without
+touching the model; `apply_plan` then changes it. So a bad option leaves the model unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..common import check_bool, check_int
+from ..formats import FORMATS
 from ..formats.quantize import resolve_group_size
 from ..nn import BottleneckAdapter, LoRALinear, QuantLinear
+from ..nn.adapter import check_adapter_options
+from ..nn.lora_linear import check_lora_options
 from .config import (
     DEFAULT_TARGETS,
     METHODS,
     PARTIAL_POLICIES,
-    QUANT_FORMATS,
     TuningConfig,
     dtype_name,
     model_signature,
     parse_dtype,
 )
 from .partial import partial_trainable
-from .prompt import attach_prompt
+from .prompt import attach_prompt, init_prompt_vectors
 from .targets import (
     ATTENTION_NAMES,
     MLP_NAMES,
@@ -48,6 +53,17 @@ from .targets import (
 )
 
 QUANTIZED_BASE_DEFAULT_DTYPE = torch.bfloat16
+
+
+@dataclass
+class PreparePlan:
+    """What `apply_plan` will do, fully validated: the config to record (which names the modules
+    to quantize, wrap or unfreeze and every option), the dtype of the frozen weights, and the
+    soft prompt's initial vectors for method="prompt"."""
+
+    config: TuningConfig
+    compute_dtype: torch.dtype
+    prompt_init: torch.Tensor | None = None
 
 
 def prepare_model(
@@ -80,30 +96,81 @@ def prepare_model(
     soft tokens from `prompt_init_text` + `tokenizer`, or random vocabulary embeddings), "partial"
     (`policy` "head" | "top_k" (with `k`) | "no_embeddings"; LR decay via `qk.param_groups`), "full".
     quant ("nf4" | "int4" | "int8", `group_size`) also quantizes the frozen linears of "adapter",
-    "prompt" and "partial".
+    "prompt" and "partial". Every option is checked before the model changes.
     """
-    if method not in METHODS:
+    plan = plan_preparation(
+        model,
+        method,
+        quant=quant,
+        group_size=group_size,
+        double_quant=double_quant,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        use_rslora=use_rslora,
+        init=init,
+        target_modules=target_modules,
+        bottleneck=bottleneck,
+        adapter_activation=adapter_activation,
+        num_virtual_tokens=num_virtual_tokens,
+        prompt_init_text=prompt_init_text,
+        tokenizer=tokenizer,
+        policy=policy,
+        k=k,
+        compute_dtype=compute_dtype,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    apply_plan(model, plan)
+    return model
+
+
+# ------------------------------------------------------------------------------------ plan
+def plan_preparation(
+    model: nn.Module,
+    method: str,
+    *,
+    quant: str | None,
+    group_size: int | None,
+    double_quant: bool,
+    r: int,
+    alpha: float,
+    dropout: float,
+    use_rslora: bool,
+    init: str,
+    target_modules: str | Iterable[str] | None,
+    bottleneck: int,
+    adapter_activation: str,
+    num_virtual_tokens: int,
+    prompt_init_text: str | None,
+    tokenizer,
+    policy: str,
+    k: int,
+    compute_dtype: torch.dtype | str | None,
+    gradient_checkpointing: bool,
+) -> PreparePlan:
+    """Validate every option of `prepare_model` against `model` and decide what to change; the
+    model is only read. Raises TypeError / ValueError naming the option."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (e.g. from qk.load_model), got {type(model).__name__}")
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method={method!r}; choose one of {METHODS}")
     if getattr(model, "qk_config", None) is not None:
         raise ValueError(
             f"model is already prepared (method={model.qk_config.method!r}); prepare a freshly loaded model"
         )
-    if method == "qlora" and quant is None:
-        quant = "nf4"
-    if quant is not None and quant not in QUANT_FORMATS:
-        raise ValueError(f"quant must be one of {QUANT_FORMATS} or None, got {quant!r}")
-    if method == "lora" and quant is not None:
-        raise ValueError(f"method='lora' keeps a dense base; for quant={quant!r} use method='qlora'")
-    if method == "full" and quant is not None:
-        raise ValueError("method='full' trains every weight, so nothing can be quantized; drop quant=")
-    if method == "partial" and policy not in PARTIAL_POLICIES:
-        raise ValueError(f"policy must be one of {PARTIAL_POLICIES}, got {policy!r}")
+    quant = _check_quant(method, quant)
+    if group_size is not None:
+        group_size = check_int(group_size, "group_size")
+    check_bool(double_quant, "double_quant")
+    check_bool(gradient_checkpointing, "gradient_checkpointing")
+    if gradient_checkpointing:
+        _check_checkpointing_support(model)
+    _check_target_modules(target_modules)
     current = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if compute_dtype is None:
         compute_dtype = current if method in ("partial", "full") else QUANTIZED_BASE_DEFAULT_DTYPE
     compute_dtype = parse_dtype(compute_dtype)
 
-    # ---- resolve and validate everything before the first change
     cfg = TuningConfig(
         method=method,
         compute_dtype=dtype_name(compute_dtype),
@@ -114,119 +181,69 @@ def prepare_model(
         base_model_name_or_path=_name_or_path(model),
         model_signature=model_signature(model),
     )
+    prompt_init = None
     if method in ("qlora", "lora"):
-        targets = resolve_targets(model, DEFAULT_TARGETS if target_modules is None else target_modules)
-        _check_lora_options(model, targets, r, dropout)
-        cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init = r, float(alpha), dropout, use_rslora, init
-        cfg.target_modules = targets
-    quantize_names: list[str] = []
-    if quant is not None:
-        if method == "qlora":
-            quantize_names = cfg.target_modules
-        else:
-            quantize_names = resolve_targets(model, "all-linear" if target_modules is None else target_modules)
-    trainable: list[str] = []
-    if method == "partial":
-        trainable = partial_trainable(model, policy, k)
-        cfg.policy, cfg.k = policy, k if policy == "top_k" else None
-        trained = {id(p) for n, p in model.named_parameters() if n in set(trainable)}
-        head = output_head(model)
-        quantize_names = [
-            n
-            for n in quantize_names
-            if model.get_submodule(n) is not head
-            and not any(id(p) in trained for p in model.get_submodule(n).parameters())
-        ]
-    if method == "full":
-        trainable = [n for n, _ in model.named_parameters()]
-    cfg.trainable = trainable
-    modules = linear_modules(model)
-    for name in quantize_names:
-        if isinstance(modules[name], nn.Linear):
-            try:
-                resolve_group_size(quant, group_size, modules[name].in_features)
-            except ValueError as exc:
-                raise ValueError(f"cannot quantize {name}: {exc}") from None
-    if method == "adapter":
+        cfg.target_modules = resolve_targets(model, DEFAULT_TARGETS if target_modules is None else target_modules)
+        cfg.r, cfg.alpha, cfg.dropout = check_lora_options(r, alpha, dropout, use_rslora, init)
+        cfg.use_rslora, cfg.init = use_rslora, init
+        _check_rank_fits(model, cfg.target_modules, cfg.r)
+    elif method == "adapter":
+        check_adapter_options(hidden_size(model), bottleneck, adapter_activation, 0.0)
         cfg.bottleneck, cfg.adapter_activation = bottleneck, adapter_activation
         cfg.adapter_blocks = _adapter_hosts(model)
-        BottleneckAdapter(hidden_size(model), bottleneck, adapter_activation)  # validates the options
-    if method == "prompt":
+    elif method == "prompt":
         if input_embeddings(model) is None:
             raise ValueError(
                 f"method='prompt' needs input embeddings (get_input_embeddings() returning nn.Embedding); "
                 f"{type(model).__name__} has none: use method='lora' or 'adapter'"
             )
-        if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}")
-        if prompt_init_text is not None and tokenizer is None:
-            raise ValueError("prompt_init_text needs tokenizer=...; pass the model's tokenizer to prepare_model")
+        num_virtual_tokens = check_int(num_virtual_tokens, "num_virtual_tokens", minimum=1)
+        prompt_init = init_prompt_vectors(model, num_virtual_tokens, prompt_init_text, tokenizer)
         cfg.num_virtual_tokens, cfg.prompt_init_text = num_virtual_tokens, prompt_init_text
         cfg.token_dim = input_embeddings(model).embedding_dim
-
-    # ---- surgery
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in quantize_names:
-        module = modules[name]
-        if isinstance(module, nn.Linear):
-            q = QuantLinear.from_linear(module, quant, group_size, double_quant=double_quant)
-            set_submodule(model, name, q.to(module.weight.device))
-    cfg.quantized_modules = [n for n in quantize_names]
-    if method in ("qlora", "lora"):
-        for name in cfg.target_modules:
-            base = model.get_submodule(name)
-            set_submodule(model, name, LoRALinear(base, r, alpha, dropout, use_rslora, init))
-    elif method == "adapter":
-        size = hidden_size(model)
-        for host in cfg.adapter_blocks:
-            block = model.get_submodule(host)
-            device = next(t for t in (*block.parameters(), *block.buffers()) if t is not None).device
-            BottleneckAdapter(size, bottleneck, adapter_activation).to(device).attach(block)
-    elif method == "prompt":
-        attach_prompt(model, num_virtual_tokens, prompt_init_text, tokenizer)
-    elif method in ("partial", "full"):
-        params = dict(model.named_parameters())
-        for name in trainable:
-            params[name].requires_grad_(True)
-
-    # ---- dtypes: trainable fp32, frozen in the compute dtype
-    for p in model.parameters():
-        if p.is_floating_point():
-            want = torch.float32 if p.requires_grad else compute_dtype
-            if p.dtype != want:
-                p.data = p.data.to(want)
-    emb = input_embeddings(model)
-    if emb is not None and not emb.weight.requires_grad and hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
-    if gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        elif hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            raise ValueError(
-                f"gradient_checkpointing=True needs a transformers model; {type(model).__name__} has no "
-                "gradient_checkpointing_enable()"
-            )
-        if getattr(model, "config", None) is not None:
-            model.config.use_cache = False
-    if getattr(model, "config", None) is not None and hasattr(model.config, "dtype"):
-        model.config.dtype = compute_dtype
-    model.qk_config = cfg
-    return model
+    elif method == "partial":
+        if not isinstance(policy, str) or policy not in PARTIAL_POLICIES:
+            raise ValueError(f"policy must be one of {PARTIAL_POLICIES}, got {policy!r}")
+        if policy == "top_k":
+            k = check_int(k, "k", minimum=1)
+        cfg.trainable = partial_trainable(model, policy, k)
+        cfg.policy, cfg.k = policy, k if policy == "top_k" else None
+    elif method == "full":
+        cfg.trainable = [n for n, _ in model.named_parameters()]
+    cfg.quantized_modules = _modules_to_quantize(model, cfg, target_modules)
+    return PreparePlan(cfg, compute_dtype, prompt_init)
 
 
-def _name_or_path(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
+def _check_quant(method: str, quant: str | None) -> str | None:
+    if method == "qlora" and quant is None:
+        quant = "nf4"
+    if quant is not None and (not isinstance(quant, str) or quant not in FORMATS):
+        raise ValueError(f"quant must be one of {FORMATS} or None, got {quant!r}")
+    if method == "lora" and quant is not None:
+        raise ValueError(f"method='lora' keeps a dense base; for quant={quant!r} use method='qlora'")
+    if method == "full" and quant is not None:
+        raise ValueError("method='full' trains every weight, so nothing can be quantized; drop quant=")
+    return quant
 
 
-def _check_lora_options(model: nn.Module, targets: list[str], r: int, dropout: float) -> None:
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+def _check_target_modules(target_modules: object) -> None:
+    if target_modules is None or isinstance(target_modules, str):
+        return
+    if not isinstance(target_modules, Iterable) or not all(isinstance(t, str) for t in target_modules):
+        raise TypeError(
+            f"target_modules must be a module name, a list of names or 'all-linear', got {target_modules!r}"
+        )
+
+
+def _check_checkpointing_support(model: nn.Module) -> None:
+    if not any(hasattr(model, m) for m in ("activation_checkpointing_enable", "gradient_checkpointing_enable")):
+        raise ValueError(
+            f"gradient_checkpointing=True needs a transformers model; {type(model).__name__} has no "
+            "gradient_checkpointing_enable()"
+        )
+
+
+def _check_rank_fits(model: nn.Module, targets: list[str], r: int) -> None:
     for name in targets:
         m = model.get_submodule(name)
         if r > min(m.in_features, m.out_features):
@@ -234,6 +251,42 @@ def _check_lora_options(model: nn.Module, targets: list[str], r: int, dropout: f
                 f"r={r} is larger than {name}'s dims ({m.out_features}x{m.in_features}); "
                 f"choose r <= {min(m.in_features, m.out_features)} or leave this layer out of target_modules"
             )
+
+
+def _modules_to_quantize(model: nn.Module, cfg: TuningConfig, target_modules) -> list[str]:
+    """Full names of the linears whose frozen weight gets quantized, each checked against the group size.
+
+    qlora: the LoRA targets. adapter / prompt / partial with quant: every linear (or `target_modules`),
+    except, for partial, the head and any layer holding a trained parameter.
+    """
+    if cfg.quant is None:
+        return []
+    if cfg.method == "qlora":
+        names = list(cfg.target_modules)
+    else:
+        names = resolve_targets(model, "all-linear" if target_modules is None else target_modules)
+    if cfg.method == "partial":
+        trained = {id(p) for n, p in model.named_parameters() if n in set(cfg.trainable)}
+        head = output_head(model)
+        names = [
+            n
+            for n in names
+            if model.get_submodule(n) is not head
+            and not any(id(p) in trained for p in model.get_submodule(n).parameters())
+        ]
+    modules = linear_modules(model)
+    for name in names:
+        if isinstance(modules[name], nn.Linear):
+            try:
+                resolve_group_size(cfg.quant, cfg.group_size, modules[name].in_features)
+            except ValueError as exc:
+                raise ValueError(f"cannot quantize {name}: {exc}") from None
+    return names
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
 
 
 def _adapter_hosts(model: nn.Module) -> list[str]:
@@ -249,3 +302,70 @@ def _adapter_hosts(model: nn.Module) -> list[str]:
                 )
             hosts.append(f"{prefix}.{i}.{child}")
     return hosts
+
+
+# ----------------------------------------------------------------------------------- apply
+def apply_plan(model: nn.Module, plan: PreparePlan) -> None:
+    """Change `model` as `plan` says: freeze, quantize, add the method's modules, set dtypes and
+    gradient checkpointing, record ``model.qk_config``."""
+    cfg = plan.config
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _quantize_modules(model, cfg)
+    _add_method(model, cfg, plan.prompt_init)
+    _set_dtypes(model, plan.compute_dtype)
+    emb = input_embeddings(model)
+    if emb is not None and not emb.weight.requires_grad and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    if getattr(model, "config", None) is not None and hasattr(model.config, "dtype"):
+        model.config.dtype = plan.compute_dtype
+    model.qk_config = cfg
+
+
+def _quantize_modules(model: nn.Module, cfg: TuningConfig) -> None:
+    modules = linear_modules(model)
+    for name in cfg.quantized_modules:
+        module = modules[name]
+        if isinstance(module, nn.Linear):
+            q = QuantLinear.from_linear(module, cfg.quant, cfg.group_size, double_quant=cfg.double_quant)
+            set_submodule(model, name, q.to(module.weight.device))
+
+
+def _add_method(model: nn.Module, cfg: TuningConfig, prompt_init: torch.Tensor | None) -> None:
+    """Wrap targets in LoRA, attach adapters or the soft prompt, or unfreeze the trained parameters."""
+    if cfg.method in ("qlora", "lora"):
+        for name in cfg.target_modules:
+            base = model.get_submodule(name)
+            set_submodule(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init))
+    elif cfg.method == "adapter":
+        size = hidden_size(model)
+        for host in cfg.adapter_blocks:
+            block = model.get_submodule(host)
+            device = next(t for t in (*block.parameters(), *block.buffers()) if t is not None).device
+            BottleneckAdapter(size, cfg.bottleneck, cfg.adapter_activation).to(device).attach(block)
+    elif cfg.method == "prompt":
+        attach_prompt(model, prompt_init)
+    elif cfg.method in ("partial", "full"):
+        params = dict(model.named_parameters())
+        for name in cfg.trainable:
+            params[name].requires_grad_(True)
+
+
+def _set_dtypes(model: nn.Module, compute_dtype: torch.dtype) -> None:
+    """Trainable parameters in fp32, frozen ones in the compute dtype."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            want = torch.float32 if p.requires_grad else compute_dtype
+            if p.dtype != want:
+                p.data = p.data.to(want)
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False

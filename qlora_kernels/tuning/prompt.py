@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..common import IGNORE_INDEX
 from ..nn import PromptEmbedding
 from .targets import input_embeddings
-
-IGNORE_INDEX = -100
 
 
 class SoftPromptHook:
@@ -77,6 +76,8 @@ def init_prompt_vectors(
     """Initial prompt: embeddings of `init_text` (repeated / cut to length) or of random vocabulary tokens."""
     emb = input_embeddings(model)
     if init_text is not None:
+        if not isinstance(init_text, str):
+            raise TypeError(f"prompt_init_text must be a string or None, got {type(init_text).__name__}")
         if tokenizer is None:
             raise ValueError("prompt_init_text needs tokenizer=...; pass the model's tokenizer to prepare_model")
         ids = tokenizer(init_text, add_special_tokens=False)["input_ids"]
@@ -90,18 +91,16 @@ def init_prompt_vectors(
         return emb(token_ids).float().clone()
 
 
-def attach_prompt(model: nn.Module, num_virtual_tokens: int, init_text: str | None, tokenizer=None) -> PromptEmbedding:
-    """Create the soft prompt as ``model.qk_prompt`` and hook it into the model's forward."""
+def attach_prompt(model: nn.Module, init: torch.Tensor) -> PromptEmbedding:
+    """Create the soft prompt (initial vectors `init`, from `init_prompt_vectors`) as ``model.qk_prompt``
+    and hook it into the model's forward."""
     emb = input_embeddings(model)
     if emb is None:
         raise ValueError(
             f"method='prompt' needs a model with input embeddings (get_input_embeddings() returning nn.Embedding); "
             f"{type(model).__name__} has none: use method='lora' or 'adapter'"
         )
-    if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
-        raise ValueError(f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}")
-    init = init_prompt_vectors(model, num_virtual_tokens, init_text, tokenizer)
-    prompt = PromptEmbedding(num_virtual_tokens, emb.embedding_dim, init=init).to(emb.weight.device)
+    prompt = PromptEmbedding(init.shape[0], emb.embedding_dim, init=init).to(emb.weight.device)
     model.add_module("qk_prompt", prompt)
     model.register_forward_pre_hook(SoftPromptHook(prompt, emb), with_kwargs=True)
     return prompt
