@@ -196,11 +196,11 @@ def read_run_config(adapter: Path) -> dict[str, Any]:
 def check_adapter_and_model(args: argparse.Namespace) -> tuple[Path, str, dict[str, Any]]:
     """(adapter folder, base model, the run's config): all checked before any weight loads."""
     from .models import find_model
-    from .tuning.io import read_adapter
+    from .tuning.io import check_adapter
 
     adapter = Path(args.adapter)
     with input_errors():
-        read_adapter(adapter)  # every file readable, every tensor finite
+        check_adapter(adapter)  # files readable, config complete, every tensor finite
         run_config = read_run_config(adapter)
         model = args.model or run_config.get("model") or DEFAULT_MODEL
         find_model(model)
@@ -487,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and args.command in HEAVY_COMMANDS:
         _reexec_with_passive_openmp()
     if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
+        parser.print_usage(sys.stderr)
+        print("qlora-kernels: error: choose a command (qlora-kernels --help lists them)", file=sys.stderr)
         return EXIT_USAGE
     return run_command(args.func, args)
 

@@ -423,8 +423,6 @@ class _Run:
         train_seconds = time.perf_counter() - t_start
         checkpoint_dir = self.checkpoint()
         adapter_dir = save_final_adapter(self.model, self.plan.output_dir)
-        if stop.signal_number:
-            print(f"saved {checkpoint_dir} and {adapter_dir} (both at step {self.step})", file=sys.stderr)
         return TrainResult(
             step=self.step,
             loss=self.loss_value,

@@ -196,6 +196,13 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], Tuning
     return peft_config, ours, tensors
 
 
+def check_adapter(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """Check an adapter folder without a model: files, config and tensors; returns its prepare_model options."""
+    folder = Path(adapter_dir)
+    peft_config, ours, _ = read_adapter(folder)
+    return _prepare_options(peft_config, ours, folder)
+
+
 def _prepare_options(peft_config: dict[str, Any], ours: TuningConfig | None, folder: Path) -> dict[str, Any]:
     """prepare_model() arguments that rebuild the adapter's structure on a fresh model."""
     peft_type = peft_config.get("peft_type")
