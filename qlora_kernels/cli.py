@@ -247,10 +247,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Greedy generation on held-out prompts with an adapter loaded; prints format / exact scores."""
     from . import load_adapter, load_model
     from .train import expenses, generate, score, token_budget
+    from .train.trainer import ADAPTER_STEP_KEY
+    from .tuning.io import adapter_metadata
 
     adapter, model_name, run_config = check_adapter_and_model(args)
     conversations, source = eval_conversations(args, run_config)
-    print(f"eval: {len(conversations)} examples from {source}; model {model_name}", file=sys.stderr)
+    step = adapter_metadata(adapter).get(ADAPTER_STEP_KEY)
+    trained = f" (trained {step} steps)" if step else ""
+    print(f"eval: {len(conversations)} examples from {source}; model {model_name}{trained}", file=sys.stderr)
     model, tokenizer = load_model(model_name)
     load_adapter(model, adapter)
     references = [c[-1]["content"] for c in conversations]

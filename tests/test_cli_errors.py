@@ -337,6 +337,7 @@ def test_eval_uses_the_runs_eval_file_and_shows_samples(trained, capsys):
     captured = capsys.readouterr()
     eval_file = json.loads((trained / "train_config.json").read_text())["eval_file"]
     assert f"3 examples from {eval_file} (the run's eval_file)" in captured.err
+    assert "(trained 2 steps)" in captured.err
     lines = captured.out.strip().splitlines()
     assert sum(line.startswith("--- sample") for line in lines) == 2
     assert sum(line.startswith("reference: ") for line in lines) == 2

@@ -75,6 +75,8 @@ def plan_run(
         raise ConfigError("config key 'train_file' is empty: point it at a JSONL file of training records")
     if cfg.eval_every and not cfg.eval_file and not has_eval_fn:
         raise ConfigError(f"eval_every={cfg.eval_every} but eval_file is empty: set eval_file, or eval_every=0")
+    if Path(cfg.model).expanduser().exists():  # a local folder or file: recorded absolute, found from anywhere
+        cfg.model = str(Path(cfg.model).expanduser().resolve())
     cfg.train_file = str(Path(cfg.train_file).expanduser().resolve())
     train_records = read_jsonl(cfg.train_file)
     eval_records: list[dict[str, Any]] = []

@@ -53,6 +53,7 @@ from .schedule import lr_at
 METRICS_FILE = "metrics.jsonl"
 ADAPTER_DIR = "adapter"
 CONFIG_FILE = "train_config.json"
+ADAPTER_STEP_KEY = "qk_train_step"  # adapter metadata: the optimizer step the weights are from
 BUDGET_PROBE_STEPS = 3  # steps timed before a time budget may shorten the run (still inside warmup)
 
 
@@ -238,11 +239,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def save_final_adapter(model: nn.Module, output_dir: Path) -> Path:
+def save_final_adapter(model: nn.Module, output_dir: Path, step: int | None = None) -> Path:
+    """output_dir/adapter, with the step it was saved at in its metadata (`ADAPTER_STEP_KEY`)."""
     from .. import save_adapter
 
     path = output_dir / ADAPTER_DIR
-    save_adapter(model, path)
+    save_adapter(model, path, metadata={ADAPTER_STEP_KEY: str(step)} if step is not None else None)
     return path
 
 
@@ -422,7 +424,7 @@ class _Run:
         bar.close()
         train_seconds = time.perf_counter() - t_start
         checkpoint_dir = self.checkpoint()
-        adapter_dir = save_final_adapter(self.model, self.plan.output_dir)
+        adapter_dir = save_final_adapter(self.model, self.plan.output_dir, self.step)
         return TrainResult(
             step=self.step,
             loss=self.loss_value,

@@ -133,19 +133,33 @@ def _atomic_write_json(data: dict[str, Any], path: Path) -> None:
         raise
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
-    """Write the adapter (tensors only) and its config to `out_dir`; returns the folder."""
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write the adapter (tensors only) and its config to `out_dir`; returns the folder.
+
+    `metadata`: extra string entries for the safetensors header (the trainer records its step);
+    `adapter_metadata` reads them back.
+    """
     cfg = get_config(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {
         k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in adapter_tensors(model).items()
     }
-    metadata = {"format": "pt", "library": "qlora-kernels", "qk_config": json.dumps(cfg.to_dict())}
+    metadata = {**(metadata or {}), "format": "pt", "library": "qlora-kernels", "qk_config": json.dumps(cfg.to_dict())}
     atomic_save_safetensors(tensors, out / WEIGHTS_NAME, metadata=metadata)
     set_default_file_mode(out / WEIGHTS_NAME)
     _atomic_write_json(_peft_config(cfg, model), out / CONFIG_NAME)
     return out
+
+
+def adapter_metadata(adapter_dir: str | os.PathLike) -> dict[str, str]:
+    """The safetensors header metadata of an adapter folder's weights file ({} if it has none)."""
+    file = Path(adapter_dir) / WEIGHTS_NAME
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file} is damaged or not a safetensors file ({e})") from None
 
 
 def check_finite(tensors: dict[str, torch.Tensor], file: str | os.PathLike) -> None:
