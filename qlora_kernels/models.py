@@ -117,7 +117,10 @@ def _downloads_off() -> bool:
 
 
 def find_model(name_or_path: str | Path) -> ModelSource:
-    """The source of a model: a known name, a local file or folder, else a Hub id (cached, or downloadable).
+    """The source of a model: a known name, a local file or folder, else a Hub id.
+
+    A Hub id loads as transformers loads it: from the cache, with a download of what is missing
+    or outdated where the network is allowed; with downloads off (HF_HUB_OFFLINE=1) from the cache only.
 
     Raises FileNotFoundError for a name that is none of these, and for a Hub id that is not in
     the cache while downloads are off; ValueError for a file that is not a GGUF model.
@@ -129,15 +132,14 @@ def find_model(name_or_path: str | Path) -> ModelSource:
         return ModelSource(str(folder), gguf)
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(text, "config.json"), str):
-        return ModelSource(text, is_hub_id=True, local_files_only=True)
-    if _downloads_off():
+    offline = _downloads_off()
+    if offline and not isinstance(try_to_load_from_cache(text, "config.json"), str):
         raise FileNotFoundError(
             f"model {text!r} is neither a local path nor in the Hugging Face cache ({constants.HF_HUB_CACHE}), and "
             f"downloads are off (HF_HUB_OFFLINE=1): download it where there is a network (hf download {text}), "
             "or point model at a local folder"
         )
-    return ModelSource(text, is_hub_id=True, local_files_only=False)
+    return ModelSource(text, is_hub_id=True, local_files_only=offline)
 
 
 def _load_error(source: ModelSource, what: str, error: Exception) -> Exception:
