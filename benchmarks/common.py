@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_kernels.cli import package_version
+from qlora_kernels.versions import package_version
 
 RESULTS_DIR = Path(__file__).parent / "results"
 

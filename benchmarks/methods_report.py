@@ -120,7 +120,7 @@ def write_markdown(payload: dict[str, Any], path: Path) -> Path:
         "`Итого: <int> рублей.` is there, exact = its number is the true sum. Peak RSS is measured in a fresh "
         "process per method: 'train peak' from the first step to the last, 'process peak' including model load. "
         f"s / step averages the steps after the first {settings['warmup_steps']}. Command: "
-        "`qlora-kernels bench --suite methods` "
+        "`.venv/bin/python -m benchmarks.suite --suite methods` "
         f"({payload['seconds'] / 60:.0f} min)."
         + "".join(f" Rerun later: {', '.join(r['labels'])} ({r['date']})." for r in payload.get("reruns", [])),
         "",

@@ -1,6 +1,8 @@
-"""`qlora-kernels bench --suite cpu|methods|gpu`: run the suites, write tables, plots and summary.json.
+"""Run the benchmark suites, write tables, plots and summary.json (from a source checkout).
 
-* ``cpu`` (under 15 minutes on 2 cores): machine peaks, the layer suite (CPU subset), the
+    .venv/bin/python -m benchmarks.suite --suite cpu|methods|gpu [--out DIR] [--rounds N] [--layer-threads N]
+
+* ``cpu`` (about 10 minutes on 2 cores): machine peaks, the layer suite (CPU subset), the
   memory suite, the end-to-end SFT step (ours vs TRL + PEFT (+ bitsandbytes)), the quick dequant
   benchmark; then plots and ``summary.json``.
 * ``methods`` (about 25 minutes on 2 cores): the lecture's method comparison on the expense task
@@ -418,27 +420,58 @@ def run(
 ) -> Path:
     """Run one suite; returns the result folder."""
     if suite == "gpu" and not torch.cuda.is_available():
-        raise SystemExit("bench --suite gpu needs a CUDA GPU; use --suite cpu here (or benchmarks/gpu_check.py)")
+        raise SystemExit("--suite gpu needs a CUDA GPU; use --suite cpu here (or benchmarks/gpu_check.py)")
     out_dir = out_dir or RESULTS_DIR / machine_name()
     if suite == "methods":
         return run_methods(out_dir, only=only)
     return run_cpu_like(torch.device("cuda" if suite == "gpu" else "cpu"), out_dir, rounds, layer_threads=layer_threads)
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def check_out_dir(parser: argparse.ArgumentParser, out: Path | None) -> None:
+    """parser.error (exit 2) unless `out` is, or can become, a folder this user can write."""
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file, not a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--out {out} cannot be created or written ({existing} is not a writable folder)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qlora-kernels bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.suite",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--suite", choices=("cpu", "methods", "gpu"), default="cpu")
+    parser.add_argument("--suite", choices=("cpu", "methods", "gpu"), default="cpu", help="default: cpu")
     parser.add_argument(
         "--out", type=Path, default=None, help="result folder (default benchmarks/results/<machine kind or GPU name>)"
     )
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per layer case")
+    parser.add_argument(
+        "--rounds", type=_int_at_least(1), default=5, help="interleaved timing rounds per layer case (default 5)"
+    )
     parser.add_argument(
         "--layer-threads",
-        type=int,
+        type=_int_at_least(0),
         default=0,
-        help="torch threads for the layer suite (0: default; 1: robust on a busy machine)",
+        help="torch threads for the layer suite (default 0: torch's default; 1: robust on a busy machine)",
     )
     parser.add_argument(
         "--only", action="append", default=None, metavar="LABEL", help="methods suite: rerun these methods only"
@@ -447,7 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_out_dir(parser, args.out)
     print(run(args.suite, args.out, args.rounds, args.layer_threads, args.only))
     return 0
 

@@ -119,12 +119,26 @@ def test_child_helpers() -> None:
     assert sft.child_env()["PYTHONPATH"].startswith(str(ROOT))
 
 
-def test_cli_bench_parser() -> None:
-    from qlora_kernels.cli import build_parser
+def test_suite_parser_and_its_argument_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = suite.build_parser().parse_args(["--suite", "methods", "--out", "x"])
+    assert args.suite == "methods" and args.out == Path("x") and args.rounds == 5 and args.layer_threads == 0
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    bad = [["--rounds", "0"], ["--rounds", "-2"], ["--layer-threads", "-1"], ["--rounds", "x"], ["--out", str(a_file)]]
+    for argv in bad:
+        with pytest.raises(SystemExit) as exit_info:
+            suite.main(argv)
+        assert exit_info.value.code == 2, argv
+        assert "error:" in capsys.readouterr().err
 
-    args = build_parser().parse_args(["bench", "--suite", "methods", "--out", "x"])
-    assert args.suite == "methods" and args.out == "x" and args.func.__name__ == "cmd_bench"
-    assert suite.build_parser().parse_args(["--suite", "cpu"]).rounds == 5
+
+def test_benchmarks_are_not_part_of_the_installed_command() -> None:
+    import qlora_kernels.cli as cli
+
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench"])
+    common = (ROOT / "benchmarks" / "common.py").read_text()
+    assert "qlora_kernels.cli" not in common  # the suites never import the CLI back
 
 
 def test_readme_tables_render(tmp_path: Path) -> None:

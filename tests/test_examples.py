@@ -63,4 +63,4 @@ def test_generate_script_and_config(tmp_path):
     assert len((out / "eval.jsonl").read_text(encoding="utf-8").splitlines()) == 40
     cfg = TrainConfig.from_file(ROOT / "examples/expenses/config.yaml")
     assert (cfg.method, cfg.quant, cfg.model) == ("qlora", "nf4", "smollm2-135m-instruct")
-    assert cfg.train_file == str(ROOT / "examples/expenses/data/train.jsonl")
+    assert cfg.train_file == "examples/expenses/data/train.jsonl"  # relative to the working directory (repo root)

@@ -158,7 +158,7 @@ def test_config_file_overrides_and_errors(tmp_path):
     path.write_text("method: lora\nr: 8\ntrain_file: data/train.jsonl\ntarget_modules: [q_proj, v_proj]\n")
     cfg = TrainConfig.from_file(path, ["lr=3e-4", "max_steps=7", "gradient_checkpointing=true"])
     assert (cfg.method, cfg.r, cfg.lr, cfg.max_steps, cfg.gradient_checkpointing) == ("lora", 8, 3e-4, 7, True)
-    assert cfg.train_file == str(tmp_path / "data" / "train.jsonl")  # relative to the config file
+    assert cfg.train_file == "data/train.jsonl"  # kept as written: relative to the working directory
     assert cfg.target_modules == ["q_proj", "v_proj"]
     json_path = tmp_path / "c.json"
     json_path.write_text(json.dumps({"batch_size": 2}))
@@ -179,22 +179,23 @@ def test_tokenizer_fixture_pads_with_eos():
 
 
 def test_time_budget_sets_max_steps_from_the_average_speed_within_the_cap():
-    from tqdm import tqdm
-
     from qlora_kernels.train.trainer import fit_to_time_budget
 
-    cfg = TrainConfig(max_steps=80, time_budget_s=100.0)
-    bar = tqdm(total=80, disable=True)
-    fit_to_time_budget(cfg, 80, 0, 3, 2.0, bar)  # 2 s/step: 50 steps fit
-    assert cfg.max_steps == 50
-    fit_to_time_budget(cfg, 80, 0, 6, 1.9, bar)  # 52 fit: a small drift is ignored
-    assert cfg.max_steps == 50
-    fit_to_time_budget(cfg, 80, 0, 30, 1.6, bar)  # a slow start: raised again once the average shows it
-    assert cfg.max_steps == 62
-    fit_to_time_budget(cfg, 80, 0, 33, 1.0, bar)  # 100 would fit, but never past the configured max_steps
-    assert cfg.max_steps == 80
-    fit_to_time_budget(cfg, 80, 0, 78, 5.0, bar)  # far too slow now: stop after the next step
-    assert cfg.max_steps == 79
-    resumed = TrainConfig(max_steps=80, time_budget_s=100.0)
-    fit_to_time_budget(resumed, 80, 40, 43, 4.0, bar)  # the budget counts from the resumed step
-    assert resumed.max_steps == 65
+    steps = fit_to_time_budget(100.0, 80, 80, 0, 3, 2.0)  # 2 s/step: 50 steps fit
+    assert steps == 50
+    steps = fit_to_time_budget(100.0, steps, 80, 0, 6, 1.9)  # 52 fit: a small drift is ignored
+    assert steps == 50
+    steps = fit_to_time_budget(100.0, steps, 80, 0, 30, 1.6)  # a slow start: raised again once the average shows it
+    assert steps == 62
+    steps = fit_to_time_budget(100.0, steps, 80, 0, 33, 1.0)  # 100 would fit, but never past the configured max_steps
+    assert steps == 80
+    steps = fit_to_time_budget(100.0, steps, 80, 0, 78, 5.0)  # far too slow now: stop after the next step
+    assert steps == 79
+    assert fit_to_time_budget(100.0, 80, 80, 40, 43, 4.0) == 65  # the budget counts from the resumed step
+
+
+def test_a_time_budget_leaves_the_callers_config_unchanged(tmp_path, monkeypatch):
+    cfg = _config(tmp_path, max_steps=12, time_budget_s=1e-3)  # far too short: the run stops early
+    result = train(cfg)
+    assert result.step < 12 and result.max_steps == result.step
+    assert cfg.max_steps == 12 and cfg.time_budget_s == 1e-3

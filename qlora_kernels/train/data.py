@@ -60,23 +60,32 @@ class DataStats:
 
 # ------------------------------------------------------------------------------- reading
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file as `{"messages": [...]}`; a malformed line raises naming file:line."""
+    """Records of a JSONL file as `{"messages": [...]}`; anything malformed raises DataError naming file:line."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {path} is a directory; point train_file / eval_file at a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist (check train_file / eval_file)")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            try:
-                records.append({"messages": to_messages(obj)})
-            except DataError as e:
-                raise DataError(f"{path}:{lineno}: {e}") from None
+    try:
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                try:
+                    records.append({"messages": to_messages(obj)})
+                except DataError as e:
+                    raise DataError(f"{path}:{lineno}: {e}") from None
+    except OSError as e:
+        raise DataError(f"data file {path} cannot be read: {e.strerror or e}") from None
     if not records:
         raise DataError(f"{path}: no records (expected one JSON object per line)")
     return records
@@ -162,11 +171,18 @@ def tokenize_example(
 
 def load_examples(path: str | Path, tokenizer: Any, max_length: int) -> tuple[list[Example], DataStats]:
     """Read and tokenize a JSONL file; counts truncated and dropped examples."""
+    return tokenize_records(read_jsonl(path), tokenizer, max_length, source=str(path))
+
+
+def tokenize_records(
+    records: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, source: str = "data"
+) -> tuple[list[Example], DataStats]:
+    """Tokenize records read by `read_jsonl` (read first, so bad data fails before a model loads)."""
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     stats = DataStats()
     examples = []
-    for record in read_jsonl(path):
+    for record in records:
         example, truncated = tokenize_example(tokenizer, record["messages"], max_length)
         if example is None:
             stats.dropped += 1
@@ -177,7 +193,7 @@ def load_examples(path: str | Path, tokenizer: Any, max_length: int) -> tuple[li
         stats.label_tokens += example.n_label_tokens
         examples.append(example)
     if not examples:
-        raise DataError(f"{path}: every example was dropped; raise max_length (now {max_length})")
+        raise DataError(f"{source}: every example was dropped; raise max_length (now {max_length})")
     return examples, stats
 
 

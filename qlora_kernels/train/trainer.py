@@ -1,4 +1,4 @@
-"""The SFT training loop, top to bottom: set up, (resume), then step until `max_steps`.
+"""The SFT training loop: plan (check everything, `plan.py`), set up, (resume), then step until `max_steps`.
 
 One optimizer step = `grad_accum` micro-batches. The loss is the sum of token losses over the
 completion tokens of all of them divided by their total count, so a step's gradient does not
@@ -12,8 +12,10 @@ import json
 import math
 import random
 import resource
+import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,16 +29,32 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..ops.linear_cross_entropy import linear_cross_entropy
-from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .data import IGNORE_INDEX, DataStats, Example, LengthGroupedBatches, collate, count_label_tokens, load_examples
+from .checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_checkpoints,
+    remove_stale_temp_dirs,
+    save_checkpoint,
+)
+from .config import ConfigError, TrainConfig
+from .data import (
+    IGNORE_INDEX,
+    DataStats,
+    Example,
+    LengthGroupedBatches,
+    collate,
+    count_label_tokens,
+    tokenize_records,
+)
+from .plan import RunPlan, plan_run, print_notes
 from .precision import apply_cpu_precision
 from .schedule import lr_at
 
 METRICS_FILE = "metrics.jsonl"
 ADAPTER_DIR = "adapter"
 CONFIG_FILE = "train_config.json"
-EXIT_INTERRUPTED = 130
+ADAPTER_STEP_KEY = "qk_train_step"  # adapter metadata: the optimizer step the weights are from
 BUDGET_PROBE_STEPS = 3  # steps timed before a time budget may shorten the run (still inside warmup)
 
 
@@ -46,7 +64,11 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What a run did: steps reached, last loss, wall time of the loop, peak memory, where it saved."""
+    """What a run did: steps reached, last loss, wall time of the loop, peak memory, where it saved.
+
+    After a SIGINT / SIGTERM (`signal_number`), `checkpoint_dir` and `adapter_dir` both hold the
+    weights of `step`: the run can be resumed, and its adapter used as it is.
+    """
 
     step: int
     loss: float
@@ -57,6 +79,9 @@ class TrainResult:
     interrupted: bool = False
     data_stats: dict[str, str] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    signal_number: int = 0
+    checkpoint_dir: Path | None = None
+    max_steps: int = 0
     precision: str = ""
 
 
@@ -80,7 +105,7 @@ def autocast_context(device: torch.device, dtype: str) -> tuple[Callable[[], Any
         return contextlib.nullcontext, None
     if dtype == "fp16":
         if device.type != "cuda":
-            raise ValueError("dtype='fp16' needs CUDA (it needs a grad scaler); use dtype='bf16' on the CPU")
+            raise ConfigError("dtype 'fp16' needs CUDA (it needs a grad scaler); use dtype bf16 or fp32 on the CPU")
         return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
 
@@ -216,62 +241,63 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def save_final_adapter(model: nn.Module, output_dir: Path) -> Path:
+def save_final_adapter(model: nn.Module, output_dir: Path, step: int | None = None) -> Path:
+    """output_dir/adapter, with the step it was saved at in its metadata (`ADAPTER_STEP_KEY`)."""
     from .. import save_adapter
 
     path = output_dir / ADAPTER_DIR
-    save_adapter(model, path)
+    save_adapter(model, path, metadata={ADAPTER_STEP_KEY: str(step)} if step is not None else None)
     return path
 
 
 def fit_to_time_budget(
-    cfg: TrainConfig, cap: int, start_step: int, step: int, seconds_per_step: float, bar: tqdm
-) -> None:
-    """Set `cfg.max_steps` (at most `cap`) so the run ends within `cfg.time_budget_s` at the measured speed.
+    budget_s: float, max_steps: int, cap: int, start_step: int, step: int, seconds_per_step: float
+) -> int:
+    """The max_steps (at most `cap`) that ends the run within `budget_s` at the measured speed.
 
     First called while still in warmup: the warmup LRs do not depend on max_steps, so the run is
     the one `max_steps=<new value>` would have given. Later calls (every few steps) follow the
     average speed both ways: down when the machine got slower, up again (to `cap`) when a slow
-    start made the first estimate too cautious. Each later change moves the cosine tail a little.
+    start made the first estimate too cautious. Small drifts keep the current value.
     """
-    affordable = min(cap, start_step + int(cfg.time_budget_s / seconds_per_step))  # counted from this start
+    affordable = min(cap, start_step + int(budget_s / seconds_per_step))  # counted from this start
     new = max(step + 1, affordable)
-    if abs(new - cfg.max_steps) > (cfg.max_steps - step) // 10:  # ignore small drifts (it re-checks)
-        bar.write(
-            f"time budget {cfg.time_budget_s:.0f}s at {seconds_per_step:.1f}s/step: max_steps {cfg.max_steps} -> {new}"
-        )
-        cfg.max_steps = new
-        bar.total = new
-        bar.refresh()
+    return new if abs(new - max_steps) > (max_steps - step) // 10 else max_steps
 
 
-class _InterruptFlag:
-    """Turns the first SIGINT into a flag checked after each step; a second one aborts at once."""
+class TrainingStopped(KeyboardInterrupt):
+    """A second SIGINT / SIGTERM during training: stop at once, without a checkpoint."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+
+class _StopRequest:
+    """Turns the first SIGINT or SIGTERM into a flag checked after each step; a second one aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.raised = False
-        self._previous: Any = None
+        self.signal_number = 0
+        self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> _InterruptFlag:
-        if threading_is_main():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def _handle(self, signum, frame) -> None:
-        if self.raised:
-            raise KeyboardInterrupt
-        self.raised = True
-        print("\ninterrupt: finishing this step, saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_number:
+            raise TrainingStopped(signum)
+        self.signal_number = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name}: finishing this step, then saving a checkpoint ({name} again aborts)", file=sys.stderr)
 
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
@@ -280,11 +306,33 @@ def _append_metrics(path: Path, record: dict[str, Any]) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, forget what a killed run logged after its last checkpoint."""
+    """On resume, forget what a killed run logged after its last checkpoint (and any half-written line)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def prepare_output_dir(plan: RunPlan) -> None:
+    """Create output_dir, drop what failed writes left and, for a new run, the previous run's files."""
+    output_dir = plan.output_dir
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temp_dirs(output_dir):
+            print(f"removed {stale} (left by a failed or killed save)", file=sys.stderr)
+        if plan.resume_from is None:
+            remove_checkpoints(output_dir)
+            shutil.rmtree(output_dir / ADAPTER_DIR, ignore_errors=True)
+            (output_dir / METRICS_FILE).unlink(missing_ok=True)
+        (output_dir / CONFIG_FILE).write_text(json.dumps(plan.cfg.to_dict(), indent=1), encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"output_dir {output_dir}: cannot write ({e.strerror or e})") from None
 
 
 # --------------------------------------------------------------------------------- train
@@ -294,111 +342,151 @@ def train(
     model: nn.Module | None = None,
     tokenizer: Any = None,
     resume: bool = False,
+    change_schedule: bool = False,
     eval_fn: Callable[[nn.Module, Any], dict[str, float]] | None = None,
 ) -> TrainResult:
-    """Run SFT as configured; pass `model`/`tokenizer` to skip loading (they are prepared here)."""
-    # ---- set-up: threads, seeds, device, model, data, optimizer
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = cfg.precision(device)
-    apply_cpu_precision(precision, device, cfg.dtype)
-    print(f"precision: {precision.describe()}", file=sys.stderr)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1), encoding="utf-8")
-    metrics_path = output_dir / METRICS_FILE
-    if model is None:
-        from .. import load_model
+    """Run SFT as configured; pass `model`/`tokenizer` to skip loading (they are prepared here).
 
-        model, tokenizer = load_model(cfg.model, dtype=precision.torch_model_dtype)
-    elif tokenizer is None:
+    `plan_run` first checks the whole config, the data files, output_dir, the checkpoint to
+    resume from and the model's layers, so a mistake raises ConfigError / DataError before any
+    weight loads or file changes. `cfg` itself is never modified. Without `resume`, a new run
+    replaces the checkpoints, metrics and adapter of an earlier run in output_dir. With it, the
+    run continues from the newest intact checkpoint (same model, method, r, targets, batch size
+    and seed; a different LR schedule needs `change_schedule=True`).
+    """
+    if model is not None and tokenizer is None:
         raise ValueError("train(model=...) also needs tokenizer=...")
-    prepare(model, cfg, tokenizer, precision.torch_model_dtype)
-    model.to(device)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    pad_id = tokenizer.pad_token_id
+    plan = plan_run(cfg, resume=resume, change_schedule=change_schedule, model=model, has_eval_fn=eval_fn is not None)
+    print_notes(plan)
+    return _Run(plan, model, tokenizer, eval_fn).run()
 
-    if not cfg.train_file:
-        raise ValueError("config key 'train_file' is empty: point it at a JSONL file")
-    train_examples, train_stats = load_examples(cfg.train_file, tokenizer, cfg.max_length)
-    eval_examples, eval_stats = ([], DataStats())
-    if cfg.eval_file:
-        eval_examples, eval_stats = load_examples(cfg.eval_file, tokenizer, cfg.max_length)
-    print(f"train data: {train_stats.summary()}", file=sys.stderr)
-    batches = LengthGroupedBatches(train_examples, cfg.batch_size, cfg.seed)
-    optimizer = build_optimizer(model, cfg)
-    autocast, scaler = autocast_context(device, precision.dtype)
 
-    # ---- resume: trainable tensors, optimizer, RNG, data position, step
-    step = 0
-    if resume:
-        ckpt = latest_checkpoint(output_dir)
-        if ckpt is None:
-            print(f"--resume: no checkpoint in {output_dir}, starting from step 0", file=sys.stderr)
-            metrics_path.unlink(missing_ok=True)
-        else:
-            state = load_checkpoint(ckpt, model, optimizer, scaler)
-            batches.load_state_dict(state.data)
-            step = state.step
-            _truncate_metrics(metrics_path, step)
-            print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
-    else:
-        metrics_path.unlink(missing_ok=True)
+class _Run:
+    """One training run, applying a checked `RunPlan`: set-up in __init__, then `run()` steps to the end."""
 
-    def checkpoint() -> Path:
-        state = TrainState(step, batches.state_dict(), cfg.to_dict(), {})
-        return save_checkpoint(output_dir, model, optimizer, state, scaler, keep=cfg.keep_checkpoints)
+    def __init__(self, plan: RunPlan, model: nn.Module | None, tokenizer: Any, eval_fn: Callable | None) -> None:
+        cfg = self.cfg = plan.cfg
+        self.plan, self.eval_fn, self.device = plan, eval_fn, plan.device
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.precision = cfg.precision(self.device)
+        apply_cpu_precision(self.precision, self.device, cfg.dtype)
+        print(f"precision: {self.precision.describe()}", file=sys.stderr)
+        prepare_output_dir(plan)
+        self.metrics_path = plan.output_dir / METRICS_FILE
+        if model is None:
+            from .. import load_model
 
-    # ---- the loop
-    model.train()
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    losses: list[float] = []
-    loss_value = float("nan")
-    interrupted = False
-    start_step = step
-    max_steps_cap = cfg.max_steps  # a time budget moves max_steps below this, never above
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
-    t_start = time.perf_counter()
-    with _InterruptFlag() as interrupt:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            lr = lr_at(
-                step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio
+            model, tokenizer = load_model(cfg.model, dtype=self.precision.torch_model_dtype)
+        prepare(model, cfg, tokenizer, self.precision.torch_model_dtype)
+        model.to(self.device)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model, self.tokenizer, self.pad_id = model, tokenizer, tokenizer.pad_token_id
+
+        self.train_examples, self.train_stats = tokenize_records(
+            plan.train_records, tokenizer, cfg.max_length, cfg.train_file
+        )
+        self.eval_examples: list[Example] = []
+        self.eval_stats = DataStats()
+        if plan.eval_records:
+            self.eval_examples, self.eval_stats = tokenize_records(
+                plan.eval_records, tokenizer, cfg.max_length, cfg.eval_file
             )
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
+        print(f"train data: {self.train_stats.summary()}", file=sys.stderr)
+        self.batches = LengthGroupedBatches(self.train_examples, cfg.batch_size, cfg.seed)
+        self.optimizer = build_optimizer(model, cfg)
+        self.autocast, self.scaler = autocast_context(self.device, self.precision.dtype)
+        self.step, self.max_steps = plan.start_step, plan.max_steps
+        if plan.resume_from is not None:
+            state = load_checkpoint(plan.resume_from, model, self.optimizer, self.scaler)
+            self.batches.load_state_dict(state.data)
+            _truncate_metrics(self.metrics_path, self.step)
+            print(f"resumed from {plan.resume_from} at step {self.step}", file=sys.stderr)
+        self.losses: list[float] = []
+        self.loss_value = float("nan")
 
-            micro = [collate(next(batches), pad_id) for _ in range(cfg.grad_accum)]
-            loss_sum, n_tokens = accumulate_gradients(model, micro, device, autocast, scaler)
-            if not math.isfinite(loss_sum):
-                bar.close()
-                last = latest_checkpoint(output_dir)
-                raise TrainingDiverged(
-                    f"loss is {loss_sum} at step {step + 1}: training stopped without applying this update; "
-                    f"last good checkpoint: {last or 'none yet'}. Lower lr (now {cfg.lr}), keep grad_clip > 0, "
-                    "or use dtype=bf16 instead of fp16"
-                )
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_value = loss_sum
-            losses.append(loss_value)
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self.model.train()
+        start_step = self.step
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
+        t_start = time.perf_counter()
+        with _StopRequest() as stop:
+            while self.step < self.max_steps:
+                lr, tokens, dt = self.train_step(bar)
+                done = self.step - start_step
+                if cfg.time_budget_s and done >= BUDGET_PROBE_STEPS and done % BUDGET_PROBE_STEPS == 0:
+                    self.fit_budget(start_step, (time.perf_counter() - t_start) / done, bar)
+                bar.set_postfix(loss=f"{self.loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
+                bar.update(1)
+                self.maybe_evaluate(bar)
+                if stop.signal_number:
+                    break
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.max_steps:
+                    self.checkpoint()
+        bar.close()
+        train_seconds = time.perf_counter() - t_start
+        checkpoint_dir = self.checkpoint()
+        adapter_dir = save_final_adapter(self.model, self.plan.output_dir, self.step)
+        return TrainResult(
+            step=self.step,
+            loss=self.loss_value,
+            train_seconds=train_seconds,
+            peak_memory_mb=peak_memory_mb(self.device),
+            output_dir=self.plan.output_dir,
+            adapter_dir=adapter_dir,
+            interrupted=bool(stop.signal_number),
+            data_stats={
+                "train": self.train_stats.summary(),
+                "eval": self.eval_stats.summary() if self.eval_examples else "none",
+            },
+            losses=self.losses,
+            signal_number=stop.signal_number,
+            checkpoint_dir=checkpoint_dir,
+            max_steps=self.max_steps,
+            precision=self.precision.describe(),
+        )
 
-            dt = time.perf_counter() - t0
-            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+    def train_step(self, bar: tqdm) -> tuple[float, int, float]:
+        """One optimizer step over `grad_accum` micro-batches; returns (lr, tokens, seconds)."""
+        cfg, optimizer = self.cfg, self.optimizer
+        t0 = time.perf_counter()
+        lr = lr_at(
+            self.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=self.max_steps, min_lr_ratio=cfg.min_lr_ratio
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        micro = [collate(next(self.batches), self.pad_id) for _ in range(cfg.grad_accum)]
+        loss_sum, n_tokens = accumulate_gradients(self.model, micro, self.device, self.autocast, self.scaler)
+        if not math.isfinite(loss_sum):
+            bar.close()
+            last = latest_checkpoint(self.plan.output_dir)
+            raise TrainingDiverged(
+                f"loss is {loss_sum} at step {self.step + 1}: training stopped without applying this update; "
+                f"last good checkpoint: {last or 'none yet'}. Lower lr (now {cfg.lr}), keep grad_clip > 0, "
+                "or use dtype=bf16 instead of fp16"
+            )
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+        trainable = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.loss_value = loss_sum
+        self.losses.append(loss_sum)
+        dt = time.perf_counter() - t0
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        if self.step % cfg.log_every == 0 or self.step == self.max_steps:
             record = {
-                "step": step,
-                "loss": loss_value,
+                "step": self.step,
+                "loss": loss_sum,
                 "lr": lr,
                 "tokens": tokens,
                 "label_tokens": n_tokens,
@@ -406,51 +494,44 @@ def train(
                 "step_seconds": dt,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
             }
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                _append_metrics(metrics_path, record)
-            done = step - start_step
-            if cfg.time_budget_s and done >= BUDGET_PROBE_STEPS and done % BUDGET_PROBE_STEPS == 0:
-                fit_to_time_budget(cfg, max_steps_cap, start_step, step, (time.perf_counter() - t_start) / done, bar)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
-            bar.update(1)
+            _append_metrics(self.metrics_path, record)
+        return lr, tokens, dt
 
-            if cfg.eval_every and step % cfg.eval_every == 0 and (eval_examples or eval_fn):
-                evaluation: dict[str, Any] = {"step": step}
-                if eval_examples:
-                    evaluation["eval_loss"] = evaluate_loss(
-                        model, eval_examples, cfg.batch_size, pad_id, device, autocast, cfg.eval_batches
-                    )
-                if eval_fn:
-                    evaluation.update(eval_fn(model, tokenizer))
-                    model.train()
-                _append_metrics(metrics_path, evaluation)
-                bar.write(
-                    " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in evaluation.items())
-                )
+    def fit_budget(self, start_step: int, seconds_per_step: float, bar: tqdm) -> None:
+        cfg = self.cfg
+        budget, cap = cfg.time_budget_s, cfg.max_steps
+        new = fit_to_time_budget(budget, self.max_steps, cap, start_step, self.step, seconds_per_step)
+        if new != self.max_steps:
+            bar.write(
+                f"time budget {cfg.time_budget_s:.0f}s at {seconds_per_step:.1f}s/step: "
+                f"max_steps {self.max_steps} -> {new}"
+            )
+            self.max_steps = bar.total = new
+            bar.refresh()
 
-            if interrupt.raised:
-                interrupted = True
-                bar.write(f"saved {checkpoint()}; resume with --resume")
-                break
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                checkpoint()
-    bar.close()
-    train_seconds = time.perf_counter() - t_start
+    def maybe_evaluate(self, bar: tqdm) -> None:
+        cfg = self.cfg
+        if not (cfg.eval_every and self.step % cfg.eval_every == 0 and (self.eval_examples or self.eval_fn)):
+            return
+        evaluation: dict[str, Any] = {"step": self.step}
+        if self.eval_examples:
+            evaluation["eval_loss"] = evaluate_loss(
+                self.model,
+                self.eval_examples,
+                cfg.batch_size,
+                self.pad_id,
+                self.device,
+                self.autocast,
+                cfg.eval_batches,
+            )
+        if self.eval_fn:
+            evaluation.update(self.eval_fn(self.model, self.tokenizer))
+            self.model.train()
+        _append_metrics(self.metrics_path, evaluation)
+        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in evaluation.items()))
 
-    # ---- the end: a last checkpoint and the adapter
-    adapter_dir = None
-    if not interrupted:
-        checkpoint()
-        adapter_dir = save_final_adapter(model, output_dir)
-    return TrainResult(
-        step=step,
-        loss=loss_value,
-        train_seconds=train_seconds,
-        peak_memory_mb=peak_memory_mb(device),
-        output_dir=output_dir,
-        adapter_dir=adapter_dir,
-        interrupted=interrupted,
-        data_stats={"train": train_stats.summary(), "eval": eval_stats.summary() if eval_examples else "none"},
-        losses=losses,
-        precision=precision.describe(),
-    )
+    def checkpoint(self) -> Path:
+        state = TrainState(self.step, self.batches.state_dict(), self.cfg.to_dict(), {"max_steps": self.max_steps})
+        return save_checkpoint(
+            self.plan.output_dir, self.model, self.optimizer, state, self.scaler, keep=self.cfg.keep_checkpoints
+        )

@@ -5,7 +5,9 @@ LoRA (and QLoRA) use PEFT's key names, ``base_model.model.<module>.lora_A.weight
 ``peft_type: "PROMPT_TUNING"``. Bottleneck adapters, partial and full training use the same
 two files with a ``QK_*`` peft_type and the model's own parameter names. Our full
 `TuningConfig` rides in the safetensors metadata (PEFT ignores it). Only adapter tensors are
-written, never the full state dict (peft #447); both files are written atomically.
+written, never the full state dict (peft #447); both files are written atomically, readable by
+all as any file the user creates (mode 0666 minus the umask). Reading checks every file and
+tensor: a damaged file or a NaN/inf value raises a ValueError naming the file and the tensor.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..formats import atomic_save_safetensors
@@ -111,46 +113,108 @@ def _compact_targets(model: nn.Module, targets: list[str]) -> list[str]:
     return short if matched == set(targets) else sorted(targets)
 
 
+def set_default_file_mode(path: str | os.PathLike) -> None:
+    """Give a written file the mode a plain `open()` would: 0666 minus the umask (temp files start at 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _atomic_write_json(data: dict[str, Any], path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
+        set_default_file_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
-    """Write the adapter (tensors only) and its config to `out_dir`; returns the folder."""
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write the adapter (tensors only) and its config to `out_dir`; returns the folder.
+
+    `metadata`: extra string entries for the safetensors header (the trainer records its step);
+    `adapter_metadata` reads them back.
+    """
     cfg = get_config(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {
         k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in adapter_tensors(model).items()
     }
-    metadata = {"format": "pt", "library": "qlora-kernels", "qk_config": json.dumps(cfg.to_dict())}
+    metadata = {**(metadata or {}), "format": "pt", "library": "qlora-kernels", "qk_config": json.dumps(cfg.to_dict())}
     atomic_save_safetensors(tensors, out / WEIGHTS_NAME, metadata=metadata)
+    set_default_file_mode(out / WEIGHTS_NAME)
     _atomic_write_json(_peft_config(cfg, model), out / CONFIG_NAME)
     return out
 
 
+def adapter_metadata(adapter_dir: str | os.PathLike) -> dict[str, str]:
+    """The safetensors header metadata of an adapter folder's weights file ({} if it has none)."""
+    file = Path(adapter_dir) / WEIGHTS_NAME
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file} is damaged or not a safetensors file ({e})") from None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], file: str | os.PathLike) -> None:
+    """Raise a ValueError naming `file` and the first tensor holding NaN or inf values."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ValueError(
+                    f"{file}: tensor {key!r} holds {bad} NaN/inf value(s) of {tensor.numel()}; the adapter is "
+                    "damaged (a diverged run?) and would make every output NaN"
+                )
+
+
 def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], TuningConfig | None, dict[str, torch.Tensor]]:
-    """(adapter_config.json, our TuningConfig if the file has one, tensors) from a folder."""
+    """(adapter_config.json, our TuningConfig if the file has one, tensors) from a folder.
+
+    Every problem raises naming its file: a missing or malformed file, a damaged safetensors
+    file, a tensor with NaN/inf values (ValueError; FileNotFoundError for a missing file).
+    """
     folder = Path(adapter_dir)
+    if not folder.is_dir():
+        what = "is a file" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"adapter folder {folder} {what}; pass the adapter/ folder written by train")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"no {name} in {folder}: not an adapter folder written by qk.save_adapter or PEFT")
-    peft_config = json.loads((folder / CONFIG_NAME).read_text())
-    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    ours = TuningConfig.from_dict(json.loads(metadata["qk_config"])) if "qk_config" in metadata else None
-    if ours is None and "qk_config" in peft_config:
-        ours = TuningConfig.from_dict(peft_config["qk_config"])
+    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    try:
+        peft_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e})") from None
+    if not isinstance(peft_config, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, got {type(peft_config).__name__}")
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights_file} is damaged or not a safetensors file ({e})") from None
+    check_finite(tensors, weights_file)
+    try:
+        ours = TuningConfig.from_dict(json.loads(metadata["qk_config"])) if "qk_config" in metadata else None
+        if ours is None and "qk_config" in peft_config:
+            ours = TuningConfig.from_dict(peft_config["qk_config"])
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{folder}: the stored qlora-kernels config is malformed ({e})") from None
     return peft_config, ours, tensors
+
+
+def check_adapter(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """Check an adapter folder without a model: files, config and tensors; returns its prepare_model options."""
+    folder = Path(adapter_dir)
+    peft_config, ours, _ = read_adapter(folder)
+    return _prepare_options(peft_config, ours, folder)
 
 
 def _prepare_options(peft_config: dict[str, Any], ours: TuningConfig | None, folder: Path) -> dict[str, Any]:
@@ -182,10 +246,13 @@ def _prepare_options(peft_config: dict[str, Any], ours: TuningConfig | None, fol
         if peft_config.get("use_dora"):
             raise ValueError(f"{folder}: a DoRA adapter (use_dora=true) is not supported; only plain LoRA")
         targets = peft_config.get("target_modules")
+        r = peft_config.get("r")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"{folder / CONFIG_NAME}: a LORA config needs an integer rank 'r' >= 1, got {r!r}")
         return {
             "method": "lora",
-            "r": peft_config["r"],
-            "alpha": peft_config.get("lora_alpha", peft_config["r"]),
+            "r": r,
+            "alpha": peft_config.get("lora_alpha", r),
             "dropout": peft_config.get("lora_dropout", 0.0),
             "use_rslora": peft_config.get("use_rslora", False),
             "target_modules": targets if isinstance(targets, (str, list)) else list(targets or []),
@@ -193,7 +260,10 @@ def _prepare_options(peft_config: dict[str, Any], ours: TuningConfig | None, fol
     if peft_type == "PROMPT_TUNING":
         if peft_config.get("num_transformer_submodules", 1) != 1:
             raise ValueError(f"{folder}: only decoder-only prompt tuning (num_transformer_submodules=1) is supported")
-        return {"method": "prompt", "num_virtual_tokens": peft_config["num_virtual_tokens"]}
+        n = peft_config.get("num_virtual_tokens")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{folder / CONFIG_NAME}: PROMPT_TUNING needs 'num_virtual_tokens' >= 1, got {n!r}")
+        return {"method": "prompt", "num_virtual_tokens": n}
     raise ValueError(
         f"{folder}: peft_type={peft_type!r} is not supported; qlora-kernels reads LORA, PROMPT_TUNING and its own "
         f"{sorted(v for v in PEFT_TYPES.values() if v.startswith('QK_'))}"

@@ -5,11 +5,16 @@ base by dequantize + add + requantize, which loses accuracy (peft #2321, unsloth
 relative error per layer is reported. ``into="bf16" | "fp16" | "fp32"`` dequantizes every
 quantized layer and merges into dense weights of that dtype: the portable choice that
 ``save_pretrained`` / ``from_pretrained`` round-trip. Errors land in ``model.qk_merge_errors``.
+
+Every LoRA layer is checked before the first one is changed: NaN/inf in A, B or the scaling, or
+a merged weight beyond the target dtype's range, raises a ValueError naming the layer and leaves
+the model as it was.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -31,6 +36,33 @@ def _dense(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) 
     return layer
 
 
+def check_mergeable(model: nn.Module, into: str) -> None:
+    """Raise a ValueError naming the first LoRA layer whose merge would give NaN/inf weights."""
+    dtype = None if into == "base" else parse_dtype(into, "into")
+    for name, module in model.named_modules():
+        if not isinstance(module, LoRALinear):
+            continue
+        for part in ("lora_A", "lora_B"):
+            weight = getattr(module, part).weight
+            bad = int((~torch.isfinite(weight)).sum())
+            if bad:
+                raise ValueError(
+                    f"cannot merge: {name}.{part}.weight holds {bad} NaN/inf value(s); the adapter is damaged "
+                    "(a diverged run?), merging it would make the model output NaN"
+                )
+        if not math.isfinite(module.scaling):
+            raise ValueError(f"cannot merge: {name} has a non-finite LoRA scaling {module.scaling}")
+        target_dtype = dtype or (module.base.weight.dtype if isinstance(module.base, nn.Linear) else None)
+        if target_dtype == torch.float16:  # the one target whose range is far below fp32's
+            limit = torch.finfo(target_dtype).max
+            largest = (module.base_weight(torch.float32) + module.delta_weight()).abs().max().item()
+            if largest > limit:
+                raise ValueError(
+                    f"cannot merge {name} into {target_dtype}: a merged weight reaches {largest:.3g}, beyond the "
+                    f"dtype's range ({limit:.3g}); merge into bf16 or fp32"
+                )
+
+
 def _rel_err(stored: torch.Tensor, target: torch.Tensor) -> float:
     return ((stored.float() - target).norm() / target.norm().clamp(min=1e-30)).item()
 
@@ -50,6 +82,7 @@ def merge(model: nn.Module, into: str = "base") -> nn.Module:
             f"method={cfg.method!r} adds modules that cannot be folded into the weights; keep the adapter "
             "(qk.save_adapter) and load it on the base model for inference"
         )
+    check_mergeable(model, into)
     dtype = None if into == "base" else parse_dtype(into, "into")
     errors: dict[str, float] = {}
     for name, module in list(model.named_modules()):
