@@ -95,7 +95,8 @@ def specialize(fn, values: dict, constexprs: dict) -> tuple[dict, dict, dict]:
     """Signature, constexprs and attrs as the JIT would specialize these launch values.
 
     Strings are pointer types (16-byte aligned, like PyTorch allocations); ints equal to 1
-    become constexprs and multiples of 16 get the divisibility hint; floats are fp32.
+    become constexprs and multiples of 16 get the divisibility hint, unless the kernel names
+    them in do_not_specialize; floats are fp32.
     """
     signature, attrs, consts = {}, {}, dict(constexprs)
     for i, name in enumerate(fn.arg_names):
@@ -108,6 +109,8 @@ def specialize(fn, values: dict, constexprs: dict) -> tuple[dict, dict, dict]:
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[name] = "fp32"
+        elif fn.params[i].do_not_specialize:
+            signature[name] = "i32"
         elif value == 1:
             signature[name] = "constexpr"
             consts[name] = 1

@@ -47,7 +47,10 @@ ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------- the kernel
-@triton.jit
+# M and M_BUCKET are not specialized: otherwise M = 1 (a constexpr) and M % 16 == 0 (a
+# divisibility hint) would each compile every config again, and decoding, prefill and training
+# batches would pay three compiles per config for masks that cost nothing at run time.
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _qlora_matmul_kernel(
     # pointers: activation (x or dy), packed weight (6, see weight_kernel_args), LoRA, bias, outputs
     act_ptr,
@@ -265,11 +268,25 @@ def _epilogue(
 
 
 # ------------------------------------------------------------------------------ autotune
+#: Autotuning times each candidate with do_bench for this many ms (after a warm-up of
+#: AUTOTUNE_WARMUP_MS): 20 ms is >= 300 runs of the slowest small-M kernel (~60 us at M = 64,
+#: 14336 x 4096), enough to rank configs, and keeps a first call at a new shape under a second.
+AUTOTUNE_REP_MS = 20
+AUTOTUNE_WARMUP_MS = 5
+
+
+def _autotune_bench(kernel_call, quantiles):
+    from triton.testing import do_bench
+
+    return do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
+
+
 def _tuned(mode: int):
     return triton.autotune(
         configs=kernel_configs(mode),
         key=["M_BUCKET", "N", "K", "R_PAD", "FORMAT", "GROUP", "HAS_LORA", "HAS_BIAS"],
         prune_configs_by={"early_config_prune": prune_configs},
+        do_bench=_autotune_bench,
     )(_qlora_matmul_kernel)
 
 
@@ -338,8 +355,8 @@ def check_operands(
 class _SplitKWorkspace:
     """fp32 partial outputs, partial LoRA sides and int32 tile counters of one device.
 
-    Allocated the first time a launch may pick a split-K config and grown when a larger one
-    needs more, so a forward allocates nothing for it afterwards, whichever config the
+    One element each until a launch may pick a split-K config, then grown to what the largest
+    one needs, so a forward allocates nothing for it afterwards, whichever config the
     autotuner chose. The counters are all zero between launches (the last program of a tile
     resets its counter). Shared by every launch on the device in stream order, like the dense
     path's decode buffers: not safe for split-K forwards running concurrently on two streams.
@@ -347,16 +364,16 @@ class _SplitKWorkspace:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.partials = torch.empty(0, dtype=torch.float32, device=device)
-        self.sides = torch.empty(0, dtype=torch.float32, device=device)
-        self.counters = torch.zeros(0, dtype=torch.int32, device=device)
+        self.partials = torch.empty(1, dtype=torch.float32, device=device)
+        self.sides = torch.empty(1, dtype=torch.float32, device=device)
+        self.counters = torch.zeros(1, dtype=torch.int32, device=device)
 
     def reserve(self, partials: int, sides: int, counters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Buffers of at least these numbers of elements (counters zeroed when first allocated)."""
+        """Buffers of at least these numbers of elements (counters zeroed when allocated)."""
         if self.partials.numel() < partials:
             self.partials = torch.empty(partials, dtype=torch.float32, device=self.device)
         if self.sides.numel() < sides:
-            self.sides = torch.empty(max(sides, 1), dtype=torch.float32, device=self.device)
+            self.sides = torch.empty(sides, dtype=torch.float32, device=self.device)
         if self.counters.numel() < counters:
             self.counters = torch.zeros(max(counters, 1024), dtype=torch.int32, device=self.device)
         return self.partials, self.sides, self.counters
@@ -379,21 +396,24 @@ def clear_split_k_workspaces() -> None:
 
 
 def _split_k_buffers(mode: int, qt: QuantizedTensor, act: torch.Tensor, m: int, out_size: int, r_pad: int):
-    """(partials, partial sides, counters) for every split-K config the autotuner may pick for
-    this launch (the ones the prune keeps), or (None, None, None) when none of them splits K."""
+    """(partials, partial sides, counters) of `act`'s device, large enough for every split-K
+    config the autotuner may pick for this launch (the ones the prune keeps).
+
+    Passed to every launch, split or not, so the kernel's pointer types never change with the
+    config list (each change of signature would compile every config once more).
+    """
     configs = autotuner(mode).configs
     if len(configs) > 1:  # the autotuner prunes only when it has a choice
         meta = weight_meta(qt)
         configs = valid_configs(configs, mode, meta["GROUP"], meta["FORMAT"], m_bucket(m), r_pad, act.element_size())
     split = [c.kwargs for c in configs if c.kwargs["SPLIT_K"] > 1]
+    workspace = split_k_workspace(act.device)
     if not split:
-        return None, None, None
+        return workspace.reserve(0, 0, 0)
     max_split = max(kw["SPLIT_K"] for kw in split)
     out_tiles = max(triton.cdiv(out_size, kw["BLOCK_OUT"]) for kw in split)
     m_tiles = max(triton.cdiv(m, kw["BLOCK_M"]) for kw in split)
-    return split_k_workspace(act.device).reserve(
-        max_split * m * out_size, out_tiles * max_split * m * r_pad, out_tiles * m_tiles
-    )
+    return workspace.reserve(max_split * m * out_size, out_tiles * max_split * m * r_pad, out_tiles * m_tiles)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -441,9 +461,9 @@ def _launch(
         bias if bias is not None else placeholder,
         out,
         side if side is not None else placeholder,
-        part if part is not None else placeholder,
-        part_side if part_side is not None else placeholder,
-        counters if counters is not None else placeholder,
+        part,
+        part_side,
+        counters,
         m,
         n,
         k,
