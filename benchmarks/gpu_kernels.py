@@ -146,12 +146,13 @@ def _worker(args: tuple[str, str, str, int]) -> dict[str, Any]:
                 "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
 
 
-def run(profile: Profile, records: Records, deadline: Deadline) -> None:
-    """Every check, `profile.workers` processes at a time, until the deadline."""
+def run(profile: Profile, records: Records, deadline: Deadline) -> int:
+    """Every check, `profile.workers` processes at a time, until the deadline; returns the
+    number of checks that failed or did not run."""
     todo = jobs(profile)
     records.note(f"{len(todo)} checks (every config and format: forward, backward, dequant), {profile.workers} workers")
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    done = 0
+    done = failed = 0
     pool = context.Pool(min(profile.workers, len(todo)), initializer=_worker_init)
     try:
         results = pool.imap_unordered(_worker, [(profile.name, *job) for job in todo])
@@ -162,8 +163,10 @@ def run(profile: Profile, records: Records, deadline: Deadline) -> None:
                 records.add("budget", checked=done, skipped=len(todo) - done)
                 break
             done += 1
+            failed += not row.get("ok")
             records.add("config_check", **row)
     finally:
         pool.terminate()
         pool.join()
-    records.add("summary", checked=done, total=len(todo), pid=os.getpid())
+    records.add("summary", checked=done, failed=failed, total=len(todo), pid=os.getpid())
+    return failed + len(todo) - done

@@ -185,9 +185,11 @@ def run_order(profile: Profile) -> list[tuple[str, dict, str]]:
     return quantized + [(name, cfg, "peft-bf16") for name, cfg in reversed(models)]
 
 
-def run(profile: Profile, records: Records, deadline: Deadline) -> None:
+def run(profile: Profile, records: Records, deadline: Deadline) -> int:
+    """Every (model, method) run that fits the budget; returns how many runs of ours failed."""
     device = profile.torch_device
     peers_missing = _peers_available()
+    failures = 0
     for model_name, config, method in run_order(profile):
         if method != "ours" and peers_missing is not None:
             records.add("unavailable", model=model_name, method=method, note=peers_missing)
@@ -213,10 +215,13 @@ def run(profile: Profile, records: Records, deadline: Deadline) -> None:
             records.add("sft", **row)
         except Exception as exc:
             records.add("sft", **row, error=repr(exc)[:500])
+            failures += method == "ours"
         try:
             if model is not None and not deadline.passed(reserve=2.0):
                 records.add("decode", model=model_name, method=method, **decode(model, profile, config["vocab_size"]))
         except Exception as exc:
             records.add("decode", model=model_name, method=method, error=repr(exc)[:500])
+            failures += method == "ours"
         del model
         _free(device)
+    return failures

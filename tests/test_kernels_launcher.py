@@ -177,3 +177,28 @@ def test_nf4_dynamic_table_is_built_once_per_device(monkeypatch, device):
         qm.qlora_forward_fused(x, qt, a, b, 1.0)
     assert len(built) == 1
     assert dequant.nested_table(device) is dequant.nested_table(device)
+
+
+# ------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_gpu_dense_down_projection_is_fp32_and_split_k_is_reproducible():
+    """On CUDA the dense path takes cuBLAS's fp32-output GEMM for x @ A^T; every split-K config
+    gives bitwise-equal results run after run and leaves its tile counters at zero."""
+    qt = qk.quantize(torch.randn(1024, 2048) * 0.05, "nf4").to("cuda")
+    a = (torch.randn(16, 2048) * 0.1).cuda()
+    b = (torch.randn(1024, 16) * 0.1).cuda()
+    x = torch.randn(40, 2048, device="cuda").to(torch.bfloat16)
+    _, xa = qd.qlora_forward_dense(x, qt, a, b, 1.0)
+    assert_close_by_norm(xa, x.double() @ a.to(torch.bfloat16).double().t(), 1e-5, "dense x @ A^T on CUDA")
+    tuner = qm.autotuner(qc.MODE_FORWARD)
+    saved = tuner.configs, tuner.cache
+    try:
+        for cfg in [c for c in qc.gpu_configs(qc.MODE_FORWARD) if c.kwargs["SPLIT_K"] > 1]:
+            tuner.configs, tuner.cache = [cfg], {}
+            first = qm.qlora_forward_fused(x[:7], qt, a, b, 1.0)
+            for _ in range(3):
+                again = qm.qlora_forward_fused(x[:7], qt, a, b, 1.0)
+                assert all(torch.equal(p, q) for p, q in zip(first, again, strict=True)), qc.config_label(cfg)
+            assert not qm.split_k_workspace(x.device).counters.any()
+    finally:
+        tuner.configs, tuner.cache = saved

@@ -324,12 +324,22 @@ def test_errors_name_the_problem(device):
 
 
 # -------------------------------------------------------------------------------- GPU (bf16)
+# Sizes divisible by 16, rank 16, fp32 LoRA and no bias, like benchmarks/gpu_check.py's config
+# check, so on the lent GPU these reuse the kernels that check compiled; one case adds a bias.
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt,kw,k", [("int8", {}, 4096), ("int4", {"group_size": 128}, 4096), ("nf4", {}, 4096)])
 @pytest.mark.parametrize("m", [1, 16, 64, 300])
 def test_gpu_bf16_matches_reference(fmt, kw, k, m):
-    qt, a, b = _problem(fmt, kw, k, 1000, "cuda", r=16)
+    qt, a, b = _problem(fmt, kw, k, 1024, "cuda", r=16)
     x = _randn(m, k, device="cuda", dtype=torch.bfloat16)
+    _check_against_reference(x, qt, a, b, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [5, 300])
+def test_gpu_bf16_with_bias_and_odd_n(m):
+    qt, a, b = _problem("nf4", {}, 1024, 1000, "cuda", r=16)
+    x = _randn(m, 1024, device="cuda", dtype=torch.bfloat16)
     _check_against_reference(x, qt, a, b, _randn(1000, device="cuda"))
 
 

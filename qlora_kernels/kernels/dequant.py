@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..formats import QuantizedTensor, dynamic_table
-from ._runtime import TORCH_TO_FORMAT_ID, check_launchable
+from ._runtime import TORCH_TO_FORMAT_ID, check_launchable, device_key
 from .weight_tile import load_weight_tile
 
 # Tile of the dequant kernel: at least 64 rows x up to 128 columns (a 64-byte packed run per
@@ -84,7 +84,7 @@ _NESTED_TABLES: dict[torch.device, torch.Tensor] = {}
 
 def nested_table(device: torch.device) -> torch.Tensor:
     """The dynamic code table on `device` (cached per device)."""
-    key = torch.device(device)
+    key = device_key(device)
     table = _NESTED_TABLES.get(key)
     if table is None:
         table = dynamic_table(key)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import QuantizedTensor
+from ._runtime import device_key
 from .dequant import dequantize_triton
 from .qlora_configs import MODE_FORWARD, MODE_GRAD_INPUT
 from .qlora_matmul import check_operands
@@ -27,7 +28,7 @@ _WEIGHT_BUFFERS: dict[tuple[tuple[int, int], torch.dtype, torch.device], torch.T
 
 def weight_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The reused (N, K) decode buffer for this shape/dtype/device (allocated on first use)."""
-    key = (tuple(shape), dtype, torch.device(device))
+    key = (tuple(shape), dtype, device_key(device))
     buf = _WEIGHT_BUFFERS.get(key)
     if buf is None:
         buf = torch.empty(shape, dtype=dtype, device=device)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..formats import QuantizedTensor
-from ._runtime import check_launchable
+from ._runtime import check_launchable, device_key
 from .dequant import scales_row_stride, weight_kernel_args, weight_meta
 from .qlora_configs import (
     MODE_FORWARD,
@@ -384,7 +384,7 @@ _WORKSPACES: dict[torch.device, _SplitKWorkspace] = {}
 
 def split_k_workspace(device: torch.device) -> _SplitKWorkspace:
     """The split-K workspace of `device` (created empty on first use)."""
-    key = torch.device(device)
+    key = device_key(device)
     if key not in _WORKSPACES:
         _WORKSPACES[key] = _SplitKWorkspace(key)
     return _WORKSPACES[key]
