@@ -20,13 +20,12 @@ OUT receives at most 8 files (what the device tool brings back): gpu_check.json 
 gpu_check.md (tables and the issue's targets), gpu_check.log (all output), layers.png and
 models.png. Runs on torch >= 2.8, Triton >= 3.6, transformers >= 5.
 
-bitsandbytes is not installed on the lent GPU machines; carry its wheel (see the device tool's
-README for the exact pip download flags) and install it first, e.g.::
+When bitsandbytes is not installed on the GPU machine (an offline image), bring its wheel::
 
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2          # here, once
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \\
-        && PYTHONPATH=/tmp/site python3 -m benchmarks.gpu_check --all $OUT/gpu    # there
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2          # where pip works
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+        && PYTHONPATH=/tmp/site python3 -m benchmarks.gpu_check --all OUT       # on the GPU machine
 
 Without it the bitsandbytes columns say "unavailable" and everything else runs.
 """
@@ -35,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -54,7 +54,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 #: Execution order (configs first: its processes compile every kernel for the later parts).
 PARTS = ("configs", "pytest", "layers", "models")
-ISSUE_LETTERS = {"pytest": "a", "configs": "b", "layers": "c", "models": "d, e"}
+PART_TITLES = {
+    "configs": "every autotune config vs the fp32 reference",
+    "pytest": "pytest -m gpu",
+    "layers": "layer timings, % of HBM",
+    "models": "SFT step and decoding, Llama sizes",
+}
 #: Seconds a part may overrun its budget (finishing its current case) before it is killed.
 GRACE_S = 15.0
 OUTPUT_FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.log", "layers.png", "models.png")
@@ -102,10 +107,10 @@ def run_part(part: PartRun, log) -> None:
         part.returncode = proc.wait(timeout=part.budget_s + GRACE_S)
         part.status = "ok" if part.returncode == 0 else "failed"
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        part.returncode = proc.returncode
         part.status = "timeout"
+    with contextlib.suppress(ProcessLookupError):  # the part and whatever it left running (pytest workers)
+        os.killpg(proc.pid, signal.SIGKILL)
+    part.returncode = proc.wait()
     reader.join(timeout=5)
     part.seconds = time.monotonic() - start
     part.output_tail = list(tail)
@@ -205,7 +210,7 @@ def _target(name: str, values: list[float], threshold: float, higher_is_better: 
 
 
 def targets(layers: list[dict], sft: list[dict]) -> list[dict]:
-    """Issue 13's targets, each judged by its worst case."""
+    """The GPU speed targets (benchmarks/README.md), each judged by its worst case."""
     small = [r for r in layers if r["M"] <= 16]
     large = [r for r in layers if r["M"] >= 4096]
     m1 = [r for r in layers if r["M"] == 1]
@@ -267,12 +272,12 @@ def markdown(report: dict) -> str:
     out = [f"# GPU check: {env.get('device', '?')} ({report['profile']} run)", ""]
     versions = ("torch", "triton", "transformers", "peft", "bitsandbytes")
     out.append(", ".join(f"{k} {env[k]}" for k in versions if k in env))
-    out += ["", "## Targets (issue 13)", "", md_table(report["targets"], [
+    out += ["", "## Targets", "", md_table(report["targets"], [
         ("name", "target"), ("ours", "ours (worst case)"), ("ratio", "geomean"), ("target", "threshold"),
         ("met", "met"), ("note", "note")])]  # fmt: skip
-    parts = [{"part": n, "issue": ISSUE_LETTERS.get(n, ""), **{k: r[k] for k in ("status", "seconds", "budget_s")}}
+    parts = [{"part": n, "what": PART_TITLES.get(n, ""), **{k: r[k] for k in ("status", "seconds", "budget_s")}}
              for n, r in runs.items()]  # fmt: skip
-    out += ["", "## Parts", "", md_table(parts, [("part", "part"), ("issue", "issue 13"), ("status", "status"),
+    out += ["", "## Parts", "", md_table(parts, [("part", "part"), ("what", "what"), ("status", "status"),
                                                 ("seconds", "s"), ("budget_s", "budget s")])]  # fmt: skip
     for name, run in runs.items():
         errors = [r for r in run["records"] if r.get("kind") == "error"]

@@ -8,7 +8,7 @@ through the PTX line info: loads attributed to the `tl.load(data_ptr ...)` lines
 ``--tritons`` compiles with several Triton versions, one subprocess each, and merges the rows:
 "installed" is the environment's own Triton, a folder is put first on PYTHONPATH (a side-by-side
 install, e.g. ``pip install --no-deps --target .triton36 triton==3.6.0``, as scripts/bootstrap.sh
-makes; the lent GPU machines run Triton 3.6).
+makes; the GPU machines we run on have Triton 3.6).
 
 Runs with TRITON_INTERPRET=0 (set here before triton is imported), so it works as a
 subprocess of the test suite, whose conftest turns the interpreter on.
@@ -77,7 +77,7 @@ class Row:
     registers: int
     shared_bytes: int
     spill_bytes: int
-    local_ld_st: int
+    local_ld_st: int | None
     tensor_core_ops: dict
     weight_load_widths: dict
     sass_global_load_widths: dict
@@ -215,16 +215,30 @@ def resource_usage(cubin: Path) -> tuple[int, int, int]:
     return field("REG"), field("SHARED"), field("LOCAL") + field("STACK")
 
 
-def compile_kernel(fn, values: dict, constexprs: dict, arch: int, warps: int, stages: int, workdir: Path):
+def analyse_ptx_mma(ptx: str) -> dict:
+    """Tensor-core instructions counted in the PTX: mma.sync becomes HMMA, wgmma.mma_async HGMMA."""
+    return {
+        "HMMA": len(re.findall(r"\bmma\.sync\.aligned\b", ptx)),
+        "HGMMA": len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
+    }
+
+
+def compile_kernel(
+    fn, values: dict, constexprs: dict, arch: int, warps: int, stages: int, workdir: Path, sass: bool = True
+):
+    """(cubin path, SASS or None, PTX, dynamic shared bytes) of one compiled job."""
     signature, consts, attrs = specialize(fn, values, constexprs)
     src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
     cubin = workdir / f"k{time.monotonic_ns()}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
-    sass = subprocess.run([tool("nvdisasm"), "-c", "-g", str(cubin)], capture_output=True, text=True, check=True).stdout
+    text = None
+    if sass:
+        cmd = [tool("nvdisasm"), "-c", "-g", str(cubin)]
+        text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     # shared memory Triton allocates dynamically is in the metadata, not the cubin's static count
-    return cubin, sass, compiled.asm["ptx"], int(getattr(compiled.metadata, "shared", 0))
+    return cubin, text, compiled.asm["ptx"], int(getattr(compiled.metadata, "shared", 0))
 
 
 def matmul_values(mode: int, fmt: str, group: int, elem: str) -> dict:
@@ -326,17 +340,24 @@ def jobs(quick: bool, kernels: tuple[str, ...] = KERNELS):
         yield "dequant", dequant._dequant_kernel, format_label(fmt, group), label, values, consts, warps, 3
 
 
-def run(archs: list[int], quick: bool, kernels: tuple[str, ...] = KERNELS) -> list[Row]:
-    """Compile every job for every arch with the Triton this process imports."""
+def run(archs: list[int], quick: bool, kernels: tuple[str, ...] = KERNELS, sass: bool = True) -> list[Row]:
+    """Compile every job for every arch with the Triton this process imports.
+
+    Without `sass` nvdisasm is skipped (a third of the time): tensor-core instructions are then
+    counted in the PTX, spills still come from the cubin's resource usage, and the SASS-only
+    fields (local load/store count, every global load width) are left empty.
+    """
     sites = weight_load_sites()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:
             for name, fn, fmt, label, values, consts, warps, stages in jobs(quick, kernels):
                 start = time.perf_counter()
-                cubin, sass, ptx, dyn_shared = compile_kernel(fn, values, consts, arch, warps, stages, Path(tmp))
+                cubin, text, ptx, dyn_shared = compile_kernel(
+                    fn, values, consts, arch, warps, stages, Path(tmp), sass=sass
+                )
                 reg, static_shared, local = resource_usage(cubin)
-                mma, local_ops, every = analyse_sass(sass)
+                mma, local_ops, every = analyse_sass(text) if sass else (analyse_ptx_mma(ptx), None, {})
                 weight = weight_load_widths(ptx, sites)
                 shared = max(dyn_shared, static_shared)
                 elapsed = round(time.perf_counter() - start, 2)
@@ -363,12 +384,15 @@ def triton_version(where: str) -> str:
     return dists[0].name.removeprefix("triton-").removesuffix(".dist-info")
 
 
-def report_key(version: str, archs: list[int], quick: bool, kernels: tuple[str, ...]) -> str:
-    """Content hash of everything a report depends on: the kernel and format sources, this
-    script, the Triton version (which pins its ptxas), the archs and the job selection."""
-    digest = hashlib.sha256(json.dumps([version, sorted(archs), quick, sorted(kernels)]).encode())
-    package = ROOT / "qlora_kernels"
-    for path in sorted([*package.glob("kernels/*.py"), *package.glob("formats/*.py"), Path(__file__).resolve()]):
+def report_key(version: str, archs: list[int], quick: bool, kernels: tuple[str, ...], sass: bool) -> str:
+    """Content hash of everything a report depends on: the kernel sources and the NF4 levels
+    compiled into them, every job's launch values and constexprs (configs included), this
+    script, the Triton version (which pins its ptxas), the archs and the options."""
+    described = [(name, fmt, label, values, consts, warps, stages)
+                 for name, _, fmt, label, values, consts, warps, stages in jobs(quick, kernels)]  # fmt: skip
+    head = [version, sorted(archs), quick, sorted(kernels), sass, list(weight_tile.NF4_LEVELS), described]
+    digest = hashlib.sha256(json.dumps(head, default=str).encode())
+    for path in sorted([*(ROOT / "qlora_kernels" / "kernels").glob("*.py"), Path(__file__).resolve()]):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:24]
 
@@ -378,7 +402,12 @@ def default_cache_dir() -> Path:
 
 
 def run_with_triton(
-    where: str, archs: list[int], quick: bool, kernels: tuple[str, ...] = KERNELS, cache_dir: Path | None = None
+    where: str,
+    archs: list[int],
+    quick: bool,
+    kernels: tuple[str, ...] = KERNELS,
+    cache_dir: Path | None = None,
+    sass: bool = True,
 ) -> dict:
     """The report of one Triton in a subprocess: "installed", or a folder put first on PYTHONPATH.
 
@@ -386,7 +415,8 @@ def run_with_triton(
     compiling and disassembling ~100 kernels takes minutes on 2 cores and gives the same rows.
     """
     version = triton_version(where)
-    cached = cache_dir / f"triton-{version}-{report_key(version, archs, quick, kernels)}.json" if cache_dir else None
+    key = report_key(version, archs, quick, kernels, sass)
+    cached = cache_dir / f"triton-{version}-{key}.json" if cache_dir else None
     if cached is not None and cached.exists():
         return {**json.loads(cached.read_text()), "cached": True}
     env = {**os.environ, "TRITON_INTERPRET": "0"}
@@ -397,7 +427,7 @@ def run_with_triton(
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report.json"
         cmd = [sys.executable, "-m", "benchmarks.kernel_report", "--json", str(out), "--arch", *map(str, archs)]
-        cmd += ["--kernels", *kernels] + (["--quick"] if quick else [])
+        cmd += ["--kernels", *kernels] + (["--quick"] if quick else []) + ([] if sass else ["--no-sass"])
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"kernel_report with triton from {where} failed:\n{proc.stderr[-4000:]}")
@@ -435,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="int4 only (fast smoke run)")
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     parser.add_argument(
+        "--no-sass", dest="sass", action="store_false", help="skip nvdisasm: tensor-core instructions from the PTX"
+    )
+    parser.add_argument(
         "--tritons",
         nargs="+",
         metavar="WHERE",
@@ -451,14 +484,17 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max_workers=len(args.tritons)) as pool:
             kernels, cache_dir = tuple(args.kernels), default_cache_dir() if args.cache else None
             reports = list(
-                pool.map(lambda where: run_with_triton(where, args.arch, args.quick, kernels, cache_dir), args.tritons)
+                pool.map(
+                    lambda where: run_with_triton(where, args.arch, args.quick, kernels, cache_dir, args.sass),
+                    args.tritons,
+                )
             )
         rows = [Row(**r) for rep in reports for r in rep["rows"]]
         versions = [rep["triton"] for rep in reports]
         for where, rep in zip(args.tritons, reports, strict=True):
             print(f"triton {rep['triton']} ({where}): {'cached report' if rep['cached'] else 'compiled'}")
     else:
-        rows = run(args.arch, args.quick, tuple(args.kernels))
+        rows = run(args.arch, args.quick, tuple(args.kernels), args.sass)
         versions = [triton.__version__]
     print_table(rows)
     if args.json:

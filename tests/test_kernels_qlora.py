@@ -325,7 +325,7 @@ def test_errors_name_the_problem(device):
 
 # -------------------------------------------------------------------------------- GPU (bf16)
 # Sizes divisible by 16, rank 16, fp32 LoRA and no bias, like benchmarks/gpu_check.py's config
-# check, so on the lent GPU these reuse the kernels that check compiled; one case adds a bias.
+# check, so on a GPU these reuse the kernels that check compiled; one case adds a bias.
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt,kw,k", [("int8", {}, 4096), ("int4", {"group_size": 128}, 4096), ("nf4", {}, 4096)])
 @pytest.mark.parametrize("m", [1, 16, 64, 300])

@@ -79,7 +79,7 @@ def gpu_configs(mode: int) -> list[triton.Config]:
     layout of the tensor-core operand it feeds (8 bytes per thread), which 4-bit tiles escape
     through their nibble unpacking. The weight tile's K extent
     (BLOCK_RED forward, BLOCK_OUT backward) is bounded by the group size.
-    No GPU timing has ranked these yet: the autotuner picks among them per bucketed M.
+    The autotuner picks among them per bucketed M; benchmarks/gpu_check.py records its choices.
     """
     if mode == MODE_FORWARD:
         return [
