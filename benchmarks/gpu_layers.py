@@ -206,6 +206,7 @@ class ShapeSetup:
     bf16_copies: list  # bf16 weights for the graph replays
     quantized: dict  # format -> [QuantizedTensor copies], first one timed eagerly
     bnb_models: list  # bnb + PEFT layer copies, first one timed eagerly
+    bnb_graph_copies: bool  # the copies for graph replays were made
     torchao: nn.Module | None
 
 
@@ -223,21 +224,26 @@ def _setup_shape(n: int, k: int, seed: int, profile: Profile, records: Records, 
         qt = qk.quantize(w, fmt, group_size=profile.groups[fmt])
         extra = copies_for(qt.nbytes, device) - 1 if graphs else 0
         quantized[fmt] = [qt] + [clone_quantized(qt) for _ in range(extra)]
-    bnb_models = []
+    bnb_models, bnb_graph_copies = [], False
     if peers_note is None:
         try:
-            model = bnb_peft_layer(w, a.detach(), b.detach(), profile)
-            extra = copies_for(bnb_weight_bytes(model), device) - 1 if graphs else 0
-            bnb_models = [model] + [copy.deepcopy(model) for _ in range(extra)]
+            bnb_models = [bnb_peft_layer(w, a.detach(), b.detach(), profile)]
         except Exception as exc:
             records.add("error", provider="bnb+peft", shape=f"{n}x{k}", error=repr(exc)[:500])
+    if bnb_models and graphs:
+        try:
+            extra = copies_for(bnb_weight_bytes(bnb_models[0]), device) - 1
+            bnb_models += [copy.deepcopy(bnb_models[0]) for _ in range(extra)]
+            bnb_graph_copies = True
+        except Exception as exc:  # without its copies a replay would read bnb's weight from L2: no graph timing
+            records.add("error", provider="bnb+peft copies", shape=f"{n}x{k}", error=repr(exc)[:500])
     ao = None
     if torchao_note is None:
         try:
             ao = torchao_int4_layer(w, profile)
         except Exception as exc:
             records.add("error", provider="torchao", shape=f"{n}x{k}", error=repr(exc)[:500])
-    return ShapeSetup(n, k, a, b, bf16_forward, bf16_params, bf16_copies, quantized, bnb_models, ao)
+    return ShapeSetup(n, k, a, b, bf16_forward, bf16_params, bf16_copies, quantized, bnb_models, bnb_graph_copies, ao)
 
 
 def _graph_calls(setup: ShapeSetup, x: torch.Tensor, profile: Profile) -> dict[str, list[Callable]]:
@@ -249,7 +255,7 @@ def _graph_calls(setup: ShapeSetup, x: torch.Tensor, profile: Profile) -> dict[s
     calls = {fmt: [lambda qt=qt: qlora_linear(x, qt, a, b, s, backend="triton") for qt in copies]
              for fmt, copies in setup.quantized.items()}  # fmt: skip
     calls["bf16"] = [lambda w=w: F.linear(x, w) + s * F.linear(F.linear(x, a16), b16) for w in setup.bf16_copies]
-    if setup.bnb_models:  # last: a capture that fails here leaves ours measured
+    if setup.bnb_graph_copies:  # last: a capture that fails here leaves ours measured
         calls["bnb"] = [lambda m=m: m(x) for m in setup.bnb_models]
     return calls
 
