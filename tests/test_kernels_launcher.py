@@ -87,6 +87,30 @@ def test_launch_refuses_outputs_without_unit_inner_stride(device):
         qm._launch(qc.MODE_FORWARD, x, qt, a, b, 1.0, None, out, None)
 
 
+@pytest.mark.skipif(not qo._HAS_CUSTOM_OP, reason="this torch has no torch.library.custom_op")
+def test_fake_implementations_check_operand_shapes(device):
+    """Under fake tensors (torch.compile's tracing) the ops check shapes with torch._check and
+    give the output shapes without running a kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    qt, a, b, _ = _problem(device)
+    mode = FakeTensorMode()
+    fake = lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    fields = [fake(f) for f in qo.weight_fields(qt)]
+    fa, fb = fake(a), fake(b)
+    forward, grad_input = torch.ops.qlora_kernels.qlora_forward, torch.ops.qlora_kernels.qlora_grad_input
+    with mode:
+        y, xa = forward(torch.empty(3, K, dtype=torch.bfloat16, device=device), *fields, fa, fb, 0.5, None)
+        assert y.shape == (3, N) and xa.shape == (3, R) and xa.dtype == torch.float32
+        with pytest.raises(RuntimeError, match=f"{K} columns"):
+            forward(torch.empty(3, K + 1, dtype=torch.bfloat16, device=device), *fields, fa, fb, 0.5, None)
+        with pytest.raises(RuntimeError, match="bias must have"):
+            forward(torch.empty(3, K, dtype=torch.bfloat16, device=device), *fields, fa, fb, 0.5,
+                    torch.empty(N + 1, device=device))  # fmt: skip
+        with pytest.raises(RuntimeError, match=f"{N} columns"):
+            grad_input(torch.empty(3, N - 1, dtype=torch.bfloat16, device=device), *fields, fa, fb, 0.5)
+
+
 # ------------------------------------------------------------------ x @ A^T is fp32 on both paths
 @pytest.mark.parametrize("path", ["fused", "dense"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
