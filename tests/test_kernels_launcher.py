@@ -143,8 +143,8 @@ def test_lora_b_gradient_is_the_same_on_both_paths(monkeypatch, device):
 @pytest.fixture
 def split_k_only(monkeypatch):
     """The interpreter's split-K config as the forward's only config, with fresh workspaces."""
-    monkeypatch.setattr(qm._forward_tuned, "configs", [qc.INTERPRETER_SPLIT_K_CONFIG])
-    monkeypatch.setattr(qm._forward_tuned, "cache", {})
+    monkeypatch.setattr(qm.autotuner(qc.MODE_FORWARD), "configs", [qc.INTERPRETER_SPLIT_K_CONFIG])
+    monkeypatch.setattr(qm.autotuner(qc.MODE_FORWARD), "cache", {})
     monkeypatch.setattr(qm, "_WORKSPACES", {})
 
 
@@ -177,7 +177,7 @@ def test_workspace_stays_minimal_when_no_config_splits(monkeypatch, device):
     """Without a split-K candidate the launch passes the device's one-element workspace buffers
     (so the kernel's signature does not depend on the config list) and allocates only y and xa."""
     monkeypatch.setattr(qm, "_WORKSPACES", {})
-    assert all(c.kwargs["SPLIT_K"] == 1 for c in qm._forward_tuned.configs)
+    assert all(c.kwargs["SPLIT_K"] == 1 for c in qm.autotuner(qc.MODE_FORWARD).configs)
     qt, a, b, x = _problem(device, m=2)
     qm.qlora_forward_fused(x, qt, a, b, 0.5)
     seen = _allocations(monkeypatch)

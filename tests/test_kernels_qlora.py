@@ -177,8 +177,8 @@ def test_autograd_saves_no_dense_weight(device):
 @pytest.fixture
 def split_k(monkeypatch):
     """Install the interpreter's split-K config (SPLIT_K=3, BLOCK_RED=32) as the forward's only config."""
-    monkeypatch.setattr(qm._forward_tuned, "configs", [qc.INTERPRETER_SPLIT_K_CONFIG])
-    monkeypatch.setattr(qm._forward_tuned, "cache", {})
+    monkeypatch.setattr(qm.autotuner(qc.MODE_FORWARD), "configs", [qc.INTERPRETER_SPLIT_K_CONFIG])
+    monkeypatch.setattr(qm.autotuner(qc.MODE_FORWARD), "cache", {})
     monkeypatch.setattr(qo, "FUSED_MAX_M", 1 << 30)
     return qc.INTERPRETER_SPLIT_K_CONFIG.kwargs["SPLIT_K"]
 

@@ -7,7 +7,8 @@ the report and the GPU check can list configs without compiling anything.
 
 Every GPU config is compiled for sm_80 and sm_90 under Triton 3.6 and the installed Triton by
 `benchmarks/kernel_report.py` (tests/test_kernels_sass.py): no spills, tensor-core instructions,
-128-bit packed-weight loads. The figures quoted below come from that report.
+128-bit packed-weight loads (but int8's backward, see `gpu_configs`). The figures quoted below
+come from that report.
 """
 
 from __future__ import annotations
