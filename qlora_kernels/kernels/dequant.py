@@ -10,13 +10,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import QuantizedTensor, dynamic_table
-from ._runtime import TORCH_TO_FORMAT_ID, check_launchable
+from ..formats import FORMAT_IDS, QuantizedTensor, dynamic_table
+from ._runtime import check_launchable, device_key
 from .weight_tile import load_weight_tile
 
-# Tile of the dequant kernel: 64 rows x up to 128 columns (one 64-byte packed run per row).
+# Tile of the dequant kernel: at least 64 rows x up to 128 columns (a 64-byte packed run per
+# row), and enough rows that each of its 128 threads loads 16 packed bytes (a 128-bit load):
+# a group-32 tile (16 bytes per row) takes 128 rows.
 DEQUANT_BLOCK_N = 64
 DEQUANT_MAX_BLOCK_K = 128
+DEQUANT_WARPS = 4
+DEQUANT_BYTES_PER_THREAD = 16
 
 
 @triton.jit
@@ -73,33 +77,50 @@ def _dequant_kernel(
     tl.store(out_ptr + out_offs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+#: The 256-level dynamic code that decodes NF4's double-quantized scales, one copy per device:
+#: built on the CPU and copied to the device once, not on every launch.
+_NESTED_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def nested_table(device: torch.device) -> torch.Tensor:
+    """The dynamic code table on `device` (cached per device)."""
+    key = device_key(device)
+    table = _NESTED_TABLES.get(key)
+    if table is None:
+        table = dynamic_table(key)
+        _NESTED_TABLES[key] = table
+    return table
+
+
 def weight_kernel_args(qt: QuantizedTensor) -> tuple:
     """The pointer arguments every kernel takes for `qt`, with placeholders for absent fields."""
     placeholder = qt.scales
-    nested_table = dynamic_table(qt.device)
     return (
         qt.data,
         qt.scales,
         qt.mins if qt.mins is not None else placeholder,
         qt.absmax_scales if qt.absmax_scales is not None else placeholder,
         qt.absmax_offset if qt.absmax_offset is not None else placeholder,
-        nested_table,
+        nested_table(qt.device),
     )
 
 
 def weight_meta(qt: QuantizedTensor) -> dict:
     """The constexpr meta-parameters describing `qt`'s format."""
     return {
-        "FORMAT": TORCH_TO_FORMAT_ID[qt.format],
+        "FORMAT": FORMAT_IDS[qt.format],
         "GROUP": qt.group_size if qt.format != "int8" else 1,
         "SYMMETRIC": qt.symmetric,
         "DOUBLE_QUANT": qt.double_quant,
     }
 
 
-def max_block_k(qt: QuantizedTensor, limit: int) -> int:
-    """Largest K-tile that keeps one scale per tile row (the `load_weight_tile` invariant)."""
-    return limit if qt.format == "int8" else min(limit, qt.group_size)
+def dequant_tile(fmt: str, group_size: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of the dequant kernel for a format and group size (int8: any group)."""
+    block_k = DEQUANT_MAX_BLOCK_K if fmt == "int8" else min(DEQUANT_MAX_BLOCK_K, group_size)
+    row_bytes = block_k if fmt == "int8" else block_k // 2
+    rows_needed = DEQUANT_BYTES_PER_THREAD * 32 * DEQUANT_WARPS // row_bytes
+    return max(DEQUANT_BLOCK_N, rows_needed), block_k
 
 
 def scales_row_stride(qt: QuantizedTensor) -> int:
@@ -116,8 +137,8 @@ def dequantize_triton(
         out = torch.empty((n, k), dtype=dtype, device=qt.device)
     elif out.shape != (n, k) or out.stride(1) != 1 or out.device != qt.device:
         raise ValueError(f"dequantize_triton: out must be a row-major ({n}, {k}) tensor on {qt.device}")
-    block_k = max_block_k(qt, DEQUANT_MAX_BLOCK_K)
-    grid = (triton.cdiv(n, DEQUANT_BLOCK_N), triton.cdiv(k, block_k))
+    block_n, block_k = dequant_tile(qt.format, qt.group_size)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     _dequant_kernel[grid](
         *weight_kernel_args(qt),
         out,
@@ -127,7 +148,8 @@ def dequantize_triton(
         scales_row_stride(qt),
         out.stride(0),
         **weight_meta(qt),
-        BLOCK_N=DEQUANT_BLOCK_N,
+        BLOCK_N=block_n,
         BLOCK_K=block_k,
+        num_warps=DEQUANT_WARPS,
     )
     return out

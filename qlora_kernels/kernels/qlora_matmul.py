@@ -1,4 +1,4 @@
-"""QLoRA matmul on packed weights: fused Triton kernel (small M), buffer + cuBLAS path (large M).
+"""Fused QLoRA matmul on packed weights: the Triton kernel and its launchers (small M).
 
 Forward:  y  = x  @ dequant(W)^T + scaling * (x  @ A^T) @ B^T (+ bias)      x: (M, K), W: (N, K)
 Backward: dx = dy @ dequant(W)   + scaling * (dy @ B)   @ A                 dy: (M, N)
@@ -13,17 +13,13 @@ memory on this path, and the backward decodes it again rather than keeping it fr
 At M <= SPLIT_K_MAX_M the forward may also split K (SPLIT_K > 1 configs): SPLIT_K programs
 per output tile write fp32 partials, and the last of them to arrive (a per-tile atomic
 counter) sums them in split order and runs the epilogue once, so the result is reproducible
-bit for bit and the LoRA up-projection and bias are added exactly once (see SPLIT_K_MAX_M).
-Codegen of every config is checked without a GPU by benchmarks/kernel_report.py (registers,
-spills, 128-bit packed loads); no GPU timings exist yet, so the configs are not ranked here.
+bit for bit and the LoRA up-projection and bias are added exactly once.
 
-Large M is compute bound: the packed weight is decoded once into a reused dense buffer
-(`dequantize_triton`) and cuBLAS does the matmul; LoRA is applied rank first with addmm.
-`TritonBackend` picks the path by M (`FUSED_MAX_M`, `FUSED_BWD_MAX_M`).
-
-The launchers are also registered as torch.library custom ops ("qlora_kernels::qlora_forward",
-"qlora_kernels::qlora_grad_input") with fake implementations, so torch.compile treats them as
-opaque graph nodes instead of breaking the graph on the Triton launch.
+The launchers own the kernel's input contract (`check_operands`): shapes of x, the weight,
+A, B and bias, dtypes, one device; strided x, A and B are read through their strides, a
+strided bias is copied (the kernel reads it with unit stride), and the outputs are allocated
+here, row-major. Configs and their pruning live in `qlora_configs`, the large-M path in
+`qlora_dense`, dispatch by M and the torch.library ops in `qlora_ops`.
 """
 
 from __future__ import annotations
@@ -32,56 +28,30 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import FLOAT_DTYPES
 from ..formats import QuantizedTensor
-from ._runtime import check_launchable, interpreter_enabled
-from .dequant import dequantize_triton, scales_row_stride, weight_kernel_args, weight_meta
+from ._runtime import check_launchable, device_key
+from .dequant import scales_row_stride, weight_kernel_args, weight_meta
+from .qlora_configs import (
+    MODE_FORWARD,
+    MODE_GRAD_INPUT,
+    kernel_configs,
+    lora_r_pad,
+    m_bucket,
+    prune_configs,
+    valid_configs,
+)
 from .weight_tile import load_weight_tile
 
-# ------------------------------------------------------------------------------ dispatch
-#: Largest M (rows of x) that takes the fused forward kernel; above it, dequantize + cuBLAS.
-#: Not measured on a GPU yet. Measure with benchmarks/gpu_check.py on the target card: time both
-#: paths (`force_path`) for M in 1..1024 at 4096x4096 and 4096x14336 and set this to the largest
-#: M where the fused kernel is still faster. 64, a starting guess, is where the fused forward
-#: stops being bound by reading the weight (docs/architecture.md, "One qlora_linear call").
-FUSED_MAX_M = 64
-#: Same, for the backward dX kernel (dY (M, N) @ W). Same measurement, fwd+bwd timings.
-FUSED_BWD_MAX_M = 64
-#: Autotune M buckets are powers of two capped here, so variable SFT lengths do not retune.
-M_BUCKET_CAP = 64
-
-#: Kernel modes (tl.constexpr MODE).
-MODE_FORWARD = 0
-MODE_GRAD_INPUT = 1
-
-#: LoRA rank is padded to a power of two >= this (the minimum tl.dot dimension).
-MIN_R_PAD = 16
-#: NF4 decodes in registers (weight_tile._nf4_level, a select tree); with it the forward
-#: compiles like int4 (kernel_report, triton 3.9, nf4/g64: no spills up to 64 decoded
-#: elements per thread, 128-168 regs on sm_80, 128-174 on sm_90), so the forward has no NF4
-#: limit. The backward still spills at 64 elements per thread with BLOCK_M=32 (M32-O64-R128-w4-s3:
-#: 8 B stack on sm_80), not at 32, so its NF4 configs are pruned above that.
-NF4_MAX_ELEMS_PER_THREAD = {MODE_GRAD_INPUT: 32}
-#: The forward's packed tile must give each thread >= 16 bytes, or its loads cannot be
-#: 128-bit (every format: at 8 bytes per thread they are 64-bit, kernel_report).
-MIN_PACKED_BYTES_PER_THREAD = 16
-#: Split-K (SPLIT_K > 1 configs) is offered to the forward for M <= this. The forward grid
-#: is N / BLOCK_OUT programs (64 at N = 4096, BLOCK_OUT = 64) on 108-132 SMs, one 4-warp
-#: CTA per SM at most, and a single-stage CTA has one BLOCK_OUT x BLOCK_RED packed tile
-#: (2-4 KiB) in flight: far from the ~20 KiB per SM that HBM latency x bandwidth asks.
-#: Split-K multiplies the programs by SPLIT_K; its cost is the fp32 partial tiles, written
-#: and read once more through L2: SPLIT_K * M * N * 4 bytes, 1/16 of an int4 weight's bytes
-#: per split at M = 16 (K = 4096), 1/256 at M = 1, hence the limit 16. Reduction scheme:
-#: the last program of a tile (atomic counter) sums the partials in split order, so results
-#: are bitwise reproducible, unlike fp32 atomic adds into the output (order-dependent), and
-#: it needs one launch, no zero-filled buffer and no cast pass. Not timed on a GPU yet.
-SPLIT_K_MAX_M = 16
-#: Shared memory budget used to prune configs: 99 KiB fits every sm_80+ card (sm_86/89 cap;
-#: A100 has 163 KiB, H100 227 KiB), so a config never fails to launch for lack of it.
-SMEM_BUDGET_BYTES = 99 * 1024
+#: Activation (and output) dtypes the kernels take.
+ACTIVATION_DTYPES = FLOAT_DTYPES
 
 
 # ---------------------------------------------------------------------------- the kernel
-@triton.jit
+# M and M_BUCKET are not specialized: otherwise M = 1 (a constexpr) and M % 16 == 0 (a
+# divisibility hint) would each compile every config again, and decoding, prefill and training
+# batches would pay three compiles per config for masks that cost nothing at run time.
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _qlora_matmul_kernel(
     # pointers: activation (x or dy), packed weight (6, see weight_kernel_args), LoRA, bias, outputs
     act_ptr,
@@ -299,115 +269,25 @@ def _epilogue(
 
 
 # ------------------------------------------------------------------------------ autotune
-def _config(block_m: int, block_out: int, block_red: int, warps: int, stages: int, split_k: int = 1) -> triton.Config:
-    kwargs = {"BLOCK_M": block_m, "BLOCK_OUT": block_out, "BLOCK_RED": block_red, "SPLIT_K": split_k}
-    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+#: Autotuning times each candidate with do_bench for this many ms (after a warm-up of
+#: AUTOTUNE_WARMUP_MS): 20 ms is >= 300 runs of the slowest small-M kernel (~60 us at M = 64,
+#: 14336 x 4096), enough to rank configs, and keeps a first call at a new shape under a second.
+AUTOTUNE_REP_MS = 20
+AUTOTUNE_WARMUP_MS = 5
 
 
-#: The one config used under TRITON_INTERPRET=1: small (interpreted tiles are slow) and valid
-#: for every format and group size (32 divides every group size in GROUP_SIZES).
-INTERPRETER_CONFIG = _config(16, 32, 32, 4, 1)
-#: A split-K config for interpreter tests (not used unless a test installs it).
-INTERPRETER_SPLIT_K_CONFIG = _config(16, 32, 32, 4, 1, split_k=3)
+def _autotune_bench(kernel_call, quantiles):
+    from triton.testing import do_bench
 
-
-def gpu_configs(mode: int) -> list[triton.Config]:
-    """Candidate GPU configs for `mode`, before pruning (also what kernel_report compiles).
-
-    Forward (small M, bandwidth bound; W is the MMA's A operand, "swap AB"): one stage. With
-    num_stages > 1 Triton pipelines the packed tile through shared memory with cp.async, and
-    the swizzle it picks for the nibble-unpacking consumer narrows those copies to 4-8 bytes;
-    single-stage configs load it with LDG.E.128 instead (benchmarks/kernel_report.py, sm_80
-    and sm_90, triton 3.9). Latency is then hidden by several CTAs per SM (<= 168 registers).
-    Backward (dY @ W, W as the B operand): its pipelined copies are 128-bit, so it keeps stages.
-    The weight tile's K extent (BLOCK_RED forward, BLOCK_OUT backward) is bounded by the group.
-    Not timed on a GPU yet: the autotuner picks among them per bucketed M.
-    """
-    if mode == MODE_FORWARD:
-        return [
-            _config(16, 32, 128, 4, 1),
-            _config(16, 64, 128, 4, 1),
-            _config(16, 64, 64, 4, 1),
-            _config(16, 128, 64, 4, 1),
-            _config(16, 128, 64, 8, 1),
-            _config(64, 64, 64, 4, 1),
-            _config(16, 128, 32, 4, 1),  # group size 32
-            # split-K, M <= SPLIT_K_MAX_M only (4096 x 4096: 256-512 programs for 132 SMs)
-            _config(16, 64, 128, 4, 1, split_k=4),
-            _config(16, 64, 64, 4, 1, split_k=4),  # NF4 g64
-            _config(16, 32, 128, 4, 1, split_k=8),
-            _config(16, 128, 32, 4, 1, split_k=4),  # group size 32
-        ]
-    return [
-        _config(16, 32, 64, 4, 4),  # group size 32
-        _config(16, 64, 64, 4, 4),
-        _config(16, 128, 64, 4, 3),
-        _config(32, 64, 128, 4, 3),
-        _config(64, 128, 64, 8, 3),
-    ]
-
-
-def kernel_configs(mode: int) -> list[triton.Config]:
-    """The configs the autotuner sees: the interpreter's single one, or the GPU list."""
-    return [INTERPRETER_CONFIG] if interpreter_enabled() else gpu_configs(mode)
-
-
-def smem_estimate(block_m: int, block_out: int, block_red: int, stages: int, r_pad: int, elem_bytes: int) -> int:
-    """Rough shared memory bytes of a config: pipelined activation/down tiles + the decoded W tile."""
-    per_stage = (block_m * block_red + block_red * r_pad) * elem_bytes
-    return stages * per_stage + block_out * block_red * elem_bytes + r_pad * block_out * 4
-
-
-def config_is_valid(
-    cfg: triton.Config, mode: int, group: int, fmt_id: int, m_bucket: int, r_pad: int, elem_bytes: int = 2
-) -> bool:
-    """Invariants: the weight tile's K extent divides the group (4-bit formats); M tile not
-    wider than the bucket (16 = tl.dot's minimum); 16 packed bytes per thread in the forward;
-    NF4's register budget in the backward; shared memory within SMEM_BUDGET_BYTES."""
-    kw = cfg.kwargs
-    weight_k = kw["BLOCK_RED"] if mode == MODE_FORWARD else kw["BLOCK_OUT"]
-    if fmt_id != 0 and (weight_k > group or group % weight_k):
-        return False
-    if kw["BLOCK_M"] > max(16, m_bucket):
-        return False
-    if kw["SPLIT_K"] > 1 and (mode != MODE_FORWARD or m_bucket > SPLIT_K_MAX_M):
-        return False
-    elems_per_thread = kw["BLOCK_OUT"] * kw["BLOCK_RED"] // (32 * cfg.num_warps)
-    if fmt_id == 2 and elems_per_thread > NF4_MAX_ELEMS_PER_THREAD.get(mode, elems_per_thread):
-        return False
-    packed_bytes = elems_per_thread if fmt_id == 0 else elems_per_thread // 2
-    if mode == MODE_FORWARD and packed_bytes < MIN_PACKED_BYTES_PER_THREAD:
-        return False
-    smem = smem_estimate(kw["BLOCK_M"], kw["BLOCK_OUT"], kw["BLOCK_RED"], cfg.num_stages, r_pad, elem_bytes)
-    return smem <= SMEM_BUDGET_BYTES
-
-
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """early_config_prune hook: keep the configs that satisfy `config_is_valid`."""
-    args = {**named_args, **kwargs}
-    keep = [
-        c
-        for c in configs
-        if config_is_valid(
-            c,
-            args["MODE"],
-            args["GROUP"],
-            args["FORMAT"],
-            args["M_BUCKET"],
-            args["R_PAD"],
-            args["act_ptr"].element_size(),
-        )
-    ]
-    if not keep:
-        raise ValueError(f"no kernel config satisfies the invariants for group size {args['GROUP']}")
-    return keep
+    return do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
 
 
 def _tuned(mode: int):
     return triton.autotune(
         configs=kernel_configs(mode),
         key=["M_BUCKET", "N", "K", "R_PAD", "FORMAT", "GROUP", "HAS_LORA", "HAS_BIAS"],
-        prune_configs_by={"early_config_prune": _prune},
+        prune_configs_by={"early_config_prune": prune_configs},
+        do_bench=_autotune_bench,
     )(_qlora_matmul_kernel)
 
 
@@ -416,63 +296,128 @@ _forward_tuned = _tuned(MODE_FORWARD)
 _grad_input_tuned = _tuned(MODE_GRAD_INPUT)
 
 
-def m_bucket(m: int) -> int:
-    """Autotune key for M: next power of two, capped at M_BUCKET_CAP."""
-    return min(triton.next_power_of_2(max(m, 1)), M_BUCKET_CAP)
+def autotuner(mode: int):
+    """The autotuned kernel of `mode` (its `.configs` and `.cache` are what benchmarks force)."""
+    return _forward_tuned if mode == MODE_FORWARD else _grad_input_tuned
 
 
-def lora_r_pad(r: int) -> int:
-    """LoRA rank padded to a power of two >= MIN_R_PAD (tl.dot's minimum dimension)."""
-    return max(MIN_R_PAD, triton.next_power_of_2(max(r, 1)))
+# ------------------------------------------------------------------------- input contract
+def check_operands(
+    act: torch.Tensor,
+    qt: QuantizedTensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mode: int,
+    op: str,
+) -> None:
+    """Raise ValueError/TypeError naming the argument unless the kernels can take these operands.
 
-
-# ----------------------------------------------------------------------------- launchers
-def _check_fused_args(act: torch.Tensor, qt: QuantizedTensor, lora_a, lora_b, op: str) -> None:
-    check_launchable(act, qt.data, lora_a, lora_b, op=op)
+    act is x (M, K) in the forward and dy (M, N) in the backward, 2-D, bf16/fp16/fp32; lora_a
+    (r, K) and lora_b (N, r) together or not at all, floating; bias (N,) floating (forward
+    only); every tensor on one device where Triton runs. Strides are free (x, A, B are read
+    through them; `_launch` copies a strided bias).
+    """
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"{op}: qt must be a QuantizedTensor, got {type(qt).__name__}")
+    check_launchable(act, qt.data, lora_a, lora_b, bias, op=op)
+    n, k = qt.shape
     if act.dim() != 2:
-        raise ValueError(f"{op}: the activation must be 2-D (M, features), got {tuple(act.shape)}")
-    if act.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{op}: the activation must be 2-D (M, features), got shape {tuple(act.shape)}")
+    if act.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"{op}: the activation must be bf16, fp16 or fp32, got {act.dtype}")
+    name, want = ("x", k) if mode == MODE_FORWARD else ("dy", n)
+    if act.shape[1] != want:
+        raise ValueError(
+            f"{op}: {name} must have {want} columns to match the weight of shape (N, K)=({n}, {k}), "
+            f"got {tuple(act.shape)}"
+        )
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError(f"{op}: pass both lora_a and lora_b, or neither")
+    if lora_a is not None:
+        r = lora_a.shape[0] if lora_a.dim() == 2 else -1
+        if lora_a.dim() != 2 or r < 1 or lora_a.shape[1] != k:
+            raise ValueError(f"{op}: lora_a must have shape (r, K)=(r, {k}) with r >= 1, got {tuple(lora_a.shape)}")
+        if lora_b.dim() != 2 or tuple(lora_b.shape) != (n, r):
+            raise ValueError(f"{op}: lora_b must be (N, r)=({n}, {r}) to match lora_a, got {tuple(lora_b.shape)}")
+        for arg, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+            if t.dtype not in ACTIVATION_DTYPES:
+                raise TypeError(f"{op}: {arg} must be bf16, fp16 or fp32, got {t.dtype}")
+    if bias is not None:
+        if mode != MODE_FORWARD:
+            raise ValueError(f"{op}: bias is a forward-only operand")
+        if bias.dim() != 1 or bias.shape[0] != n:
+            raise ValueError(f"{op}: bias must have shape (N,)=({n},), got {tuple(bias.shape)}")
+        if bias.dtype not in ACTIVATION_DTYPES:
+            raise TypeError(f"{op}: bias must be bf16, fp16 or fp32, got {bias.dtype}")
 
 
-#: Per-device split-K tile counters (int32, all zero between launches: the last program of
-#: each tile resets its counter). Shared by every launch on the device, so, like the decode
-#: buffers below, not safe for two streams running split-K forwards concurrently.
-_SPLIT_K_COUNTERS: dict[torch.device, torch.Tensor] = {}
+# ---------------------------------------------------------------------- split-K workspace
+class _SplitKWorkspace:
+    """fp32 partial outputs, partial LoRA sides and int32 tile counters of one device.
+
+    One element each until a launch may pick a split-K config, then grown to what the largest
+    one needs, so a forward allocates nothing for it afterwards, whichever config the
+    autotuner chose. The counters are all zero between launches (the last program of a tile
+    resets its counter). Shared by every launch on the device in stream order, like the dense
+    path's decode buffers: not safe for split-K forwards running concurrently on two streams.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.partials = torch.empty(1, dtype=torch.float32, device=device)
+        self.sides = torch.empty(1, dtype=torch.float32, device=device)
+        self.counters = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def reserve(self, partials: int, sides: int, counters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Buffers of at least these numbers of elements (counters zeroed when allocated)."""
+        if self.partials.numel() < partials:
+            self.partials = torch.empty(partials, dtype=torch.float32, device=self.device)
+        if self.sides.numel() < sides:
+            self.sides = torch.empty(sides, dtype=torch.float32, device=self.device)
+        if self.counters.numel() < counters:
+            self.counters = torch.zeros(max(counters, 1024), dtype=torch.int32, device=self.device)
+        return self.partials, self.sides, self.counters
 
 
-def split_k_counters(count: int, device: torch.device) -> torch.Tensor:
-    """At least `count` zeroed int32 tile counters on `device` (allocated once, grown when needed)."""
-    key = torch.device(device)
-    counters = _SPLIT_K_COUNTERS.get(key)
-    if counters is None or counters.numel() < count:
-        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=key)
-        _SPLIT_K_COUNTERS[key] = counters
-    return counters
+_WORKSPACES: dict[torch.device, _SplitKWorkspace] = {}
 
 
-def _split_k_workspace(tuned, mode: int, qt: QuantizedTensor, act: torch.Tensor, m: int, out_size: int, r_pad: int):
-    """(partials, partial sides, counters) big enough for every config the autotuner may pick
-    for this launch (the ones `_prune` keeps), or (None, None, None) when none splits K."""
-    configs = tuned.configs
+def split_k_workspace(device: torch.device) -> _SplitKWorkspace:
+    """The split-K workspace of `device` (created empty on first use)."""
+    key = device_key(device)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = _SplitKWorkspace(key)
+    return _WORKSPACES[key]
+
+
+def clear_split_k_workspaces() -> None:
+    """Free the split-K workspaces (the next split-K launch allocates again)."""
+    _WORKSPACES.clear()
+
+
+def _split_k_buffers(mode: int, qt: QuantizedTensor, act: torch.Tensor, m: int, out_size: int, r_pad: int):
+    """(partials, partial sides, counters) of `act`'s device, large enough for every split-K
+    config the autotuner may pick for this launch (the ones the prune keeps).
+
+    Passed to every launch, split or not, so the kernel's pointer types never change with the
+    config list (each change of signature would compile every config once more).
+    """
+    configs = autotuner(mode).configs
     if len(configs) > 1:  # the autotuner prunes only when it has a choice
         meta = weight_meta(qt)
-        configs = [
-            c
-            for c in configs
-            if config_is_valid(c, mode, meta["GROUP"], meta["FORMAT"], m_bucket(m), r_pad, act.element_size())
-        ]
+        configs = valid_configs(configs, mode, meta["GROUP"], meta["FORMAT"], m_bucket(m), r_pad, act.element_size())
     split = [c.kwargs for c in configs if c.kwargs["SPLIT_K"] > 1]
+    workspace = split_k_workspace(act.device)
     if not split:
-        return None, None, None
+        return workspace.reserve(0, 0, 0)
     max_split = max(kw["SPLIT_K"] for kw in split)
     out_tiles = max(triton.cdiv(out_size, kw["BLOCK_OUT"]) for kw in split)
     m_tiles = max(triton.cdiv(m, kw["BLOCK_M"]) for kw in split)
-    part = torch.empty((max_split, m, out_size), dtype=torch.float32, device=act.device)
-    part_side = torch.empty((out_tiles, max_split, m, r_pad), dtype=torch.float32, device=act.device)
-    return part, part_side, split_k_counters(out_tiles * m_tiles, act.device)
+    return workspace.reserve(max_split * m * out_size, out_tiles * max_split * m * r_pad, out_tiles * m_tiles)
 
 
+# ----------------------------------------------------------------------------- launchers
 def _launch(
     mode: int,
     act: torch.Tensor,
@@ -484,26 +429,32 @@ def _launch(
     out: torch.Tensor,
     side: torch.Tensor | None,
 ) -> None:
-    """Launch the fused kernel; strides of every input are passed (non-contiguous is fine)."""
+    """Launch the fused kernel on checked operands (`check_operands`); out and side are row-major."""
     n, k = qt.shape
     m = act.shape[0]
+    if m == 0:  # nothing to compute (and a grid dimension of 0 is not launchable)
+        return
+    if out.stride(1) != 1 or (side is not None and side.stride(1) != 1):
+        raise ValueError("_launch: out and side must have unit stride along their last dimension")
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()  # the kernel reads bias with unit stride
     has_lora = lora_a is not None
     r = lora_a.shape[0] if has_lora else 0
     if mode == MODE_FORWARD:  # down = A^T read as (K, r); up = B^T read as (r, N)
         down, up = lora_a, lora_b
         down_strides = (lora_a.stride(1), lora_a.stride(0)) if has_lora else (0, 0)
         up_strides = (lora_b.stride(1), lora_b.stride(0)) if has_lora else (0, 0)
-        out_size, tuned = n, _forward_tuned
+        out_size = n
     else:  # down = B (N, r); up = A (r, K)
         down, up = lora_b, lora_a
         down_strides = (lora_b.stride(0), lora_b.stride(1)) if has_lora else (0, 0)
         up_strides = (lora_a.stride(0), lora_a.stride(1)) if has_lora else (0, 0)
-        out_size, tuned = k, _grad_input_tuned
+        out_size = k
     placeholder = out
     r_pad = lora_r_pad(r)
-    part, part_side, counters = _split_k_workspace(tuned, mode, qt, act, m, out_size, r_pad)
+    part, part_side, counters = _split_k_buffers(mode, qt, act, m, out_size, r_pad)
     grid = lambda meta: (triton.cdiv(out_size, meta["BLOCK_OUT"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"])
-    tuned[grid](
+    autotuner(mode)[grid](
         act,
         *weight_kernel_args(qt),
         down if has_lora else placeholder,
@@ -511,9 +462,9 @@ def _launch(
         bias if bias is not None else placeholder,
         out,
         side if side is not None else placeholder,
-        part if part is not None else placeholder,
-        part_side if part_side is not None else placeholder,
-        counters if counters is not None else placeholder,
+        part,
+        part_side,
+        counters,
         m,
         n,
         k,
@@ -546,7 +497,7 @@ def qlora_forward_fused(
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fused small-M forward: (y (M, N) in x's dtype, x @ A^T (M, r) fp32 or None)."""
-    _check_fused_args(x, qt, lora_a, lora_b, op="qlora_forward_fused")
+    check_operands(x, qt, lora_a, lora_b, bias, MODE_FORWARD, op="qlora_forward_fused")
     m = x.shape[0]
     y = torch.empty((m, qt.shape[0]), dtype=x.dtype, device=x.device)
     xa = torch.empty((m, lora_a.shape[0]), dtype=torch.float32, device=x.device) if lora_a is not None else None
@@ -562,211 +513,7 @@ def qlora_grad_input_fused(
     scaling: float,
 ) -> torch.Tensor:
     """Fused small-M backward: dx = dy @ W + scaling * (dy @ B) @ A, (M, K) in dy's dtype."""
-    _check_fused_args(dy, qt, lora_a, lora_b, op="qlora_grad_input_fused")
+    check_operands(dy, qt, lora_a, lora_b, None, MODE_GRAD_INPUT, op="qlora_grad_input_fused")
     dx = torch.empty((dy.shape[0], qt.shape[1]), dtype=dy.dtype, device=dy.device)
     _launch(MODE_GRAD_INPUT, dy, qt, lora_a, lora_b, scaling, None, dx, None)
     return dx
-
-
-# ------------------------------------------------------------------- large-M (buffer) path
-#: Dense decode buffers for the large-M path, keyed on (shape, dtype, device). One buffer is
-#: reused by every layer of that shape: the decode and the matmul that reads it run in stream
-#: order, and nothing keeps a reference past the matmul (autograd saves x and x @ A^T, never
-#: the buffer). Not safe if two streams run layers of one shape concurrently.
-_WEIGHT_BUFFERS: dict[tuple[tuple[int, int], torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def weight_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The reused (N, K) decode buffer for this shape/dtype/device (allocated on first use)."""
-    key = (tuple(shape), dtype, torch.device(device))
-    buf = _WEIGHT_BUFFERS.get(key)
-    if buf is None:
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        _WEIGHT_BUFFERS[key] = buf
-    return buf
-
-
-def clear_weight_buffers() -> None:
-    """Free the decode buffers (e.g. after training, or between models of different shapes)."""
-    _WEIGHT_BUFFERS.clear()
-
-
-def _decoded(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    return dequantize_triton(qt, dtype, out=weight_buffer(qt.shape, dtype, qt.device))
-
-
-def qlora_forward_dense(
-    x: torch.Tensor,
-    qt: QuantizedTensor,
-    lora_a: torch.Tensor | None,
-    lora_b: torch.Tensor | None,
-    scaling: float,
-    bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Large-M forward: decode W into the reused buffer, cuBLAS matmul, LoRA rank first."""
-    dtype = x.dtype
-    w = _decoded(qt, dtype)
-    y = torch.addmm(bias.to(dtype), x, w.t()) if bias is not None else torch.mm(x, w.t())
-    xa = None
-    if lora_a is not None:
-        xa = torch.mm(x, lora_a.to(dtype).t()).float()
-        y.addmm_(xa.to(dtype), lora_b.to(dtype).t(), alpha=scaling)
-    return y, xa
-
-
-def qlora_grad_input_dense(
-    dy: torch.Tensor, qt: QuantizedTensor, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float
-) -> torch.Tensor:
-    """Large-M backward: decode W again into the reused buffer (never kept from the forward)."""
-    dtype = dy.dtype
-    dx = torch.mm(dy, _decoded(qt, dtype))
-    if lora_a is not None:
-        dx.addmm_(torch.mm(dy, lora_b.to(dtype)), lora_a.to(dtype), alpha=scaling)
-    return dx
-
-
-# ---------------------------------------------------------------------- dispatch by M
-def qlora_forward_triton(
-    x: torch.Tensor,
-    qt: QuantizedTensor,
-    lora_a: torch.Tensor | None,
-    lora_b: torch.Tensor | None,
-    scaling: float,
-    bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Forward on (M, K) x: fused kernel for M <= FUSED_MAX_M, else the buffer path."""
-    if x.shape[0] <= FUSED_MAX_M:
-        return qlora_forward_fused(x, qt, lora_a, lora_b, scaling, bias)
-    return qlora_forward_dense(x, qt, lora_a, lora_b, scaling, bias)
-
-
-def qlora_grad_input_triton(
-    dy: torch.Tensor, qt: QuantizedTensor, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float
-) -> torch.Tensor:
-    """dX on (M, N) dy: fused kernel for M <= FUSED_BWD_MAX_M, else the buffer path."""
-    if dy.shape[0] <= FUSED_BWD_MAX_M:
-        return qlora_grad_input_fused(dy, qt, lora_a, lora_b, scaling)
-    return qlora_grad_input_dense(dy, qt, lora_a, lora_b, scaling)
-
-
-# ------------------------------------------------------------- torch.library custom ops
-# The launchers take a QuantizedTensor, which torch.library cannot type; the ops take its
-# fields and rebuild it (a frozen dataclass: free). Fake implementations give torch.compile
-# the output shapes, so the Triton launch is one opaque node instead of a graph break.
-OP_NAMESPACE = "qlora_kernels"
-_HAS_CUSTOM_OP = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_fake")
-
-
-def _rebuild(data, scales, mins, absmax_scales, absmax_offset, fmt, n, k, group_size, symmetric) -> QuantizedTensor:
-    return QuantizedTensor(
-        format=fmt,
-        shape=(n, k),
-        group_size=group_size,
-        data=data,
-        scales=scales,
-        mins=mins,
-        absmax_scales=absmax_scales,
-        absmax_offset=absmax_offset,
-        symmetric=symmetric,
-    )
-
-
-def _forward_impl(
-    x: torch.Tensor,
-    data: torch.Tensor,
-    scales: torch.Tensor,
-    mins: torch.Tensor | None,
-    absmax_scales: torch.Tensor | None,
-    absmax_offset: torch.Tensor | None,
-    fmt: str,
-    n: int,
-    k: int,
-    group_size: int,
-    symmetric: bool,
-    lora_a: torch.Tensor | None,
-    lora_b: torch.Tensor | None,
-    scaling: float,
-    bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, xa); without LoRA xa is an empty (M, 0) tensor (custom ops cannot return None)."""
-    qt = _rebuild(data, scales, mins, absmax_scales, absmax_offset, fmt, n, k, group_size, symmetric)
-    y, xa = qlora_forward_triton(x, qt, lora_a, lora_b, scaling, bias)
-    if xa is None:
-        xa = x.new_empty((x.shape[0], 0), dtype=torch.float32)
-    return y, xa
-
-
-def _forward_fake(x, data, scales, mins, absmax_scales, absmax_offset, fmt, n, k, group_size, symmetric, lora_a,
-                  lora_b, scaling, bias):  # fmt: skip
-    r = lora_a.shape[0] if lora_a is not None else 0
-    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], r), dtype=torch.float32)
-
-
-def _grad_input_impl(
-    dy: torch.Tensor,
-    data: torch.Tensor,
-    scales: torch.Tensor,
-    mins: torch.Tensor | None,
-    absmax_scales: torch.Tensor | None,
-    absmax_offset: torch.Tensor | None,
-    fmt: str,
-    n: int,
-    k: int,
-    group_size: int,
-    symmetric: bool,
-    lora_a: torch.Tensor | None,
-    lora_b: torch.Tensor | None,
-    scaling: float,
-) -> torch.Tensor:
-    qt = _rebuild(data, scales, mins, absmax_scales, absmax_offset, fmt, n, k, group_size, symmetric)
-    return qlora_grad_input_triton(dy, qt, lora_a, lora_b, scaling)
-
-
-def _grad_input_fake(dy, data, scales, mins, absmax_scales, absmax_offset, fmt, n, k, group_size, symmetric, lora_a,
-                     lora_b, scaling):  # fmt: skip
-    return dy.new_empty((dy.shape[0], k))
-
-
-if _HAS_CUSTOM_OP:
-    qlora_forward_op = torch.library.custom_op(f"{OP_NAMESPACE}::qlora_forward", mutates_args=())(_forward_impl)
-    torch.library.register_fake(f"{OP_NAMESPACE}::qlora_forward")(_forward_fake)
-    qlora_grad_input_op = torch.library.custom_op(f"{OP_NAMESPACE}::qlora_grad_input", mutates_args=())(
-        _grad_input_impl
-    )
-    torch.library.register_fake(f"{OP_NAMESPACE}::qlora_grad_input")(_grad_input_fake)
-else:  # torch without torch.library.custom_op: call the launchers directly (eager only)
-    qlora_forward_op = _forward_impl
-    qlora_grad_input_op = _grad_input_impl
-
-
-def _weight_fields(qt: QuantizedTensor) -> tuple:
-    n, k = qt.shape
-    return (qt.data, qt.scales, qt.mins, qt.absmax_scales, qt.absmax_offset, qt.format, n, k, qt.group_size,
-            qt.symmetric)  # fmt: skip
-
-
-# --------------------------------------------------------------------------- the backend
-class TritonBackend:
-    """`QLoRABackend` on the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1)."""
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        qt: QuantizedTensor,
-        lora_a: torch.Tensor | None,
-        lora_b: torch.Tensor | None,
-        scaling: float,
-        bias: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, xa = qlora_forward_op(x, *_weight_fields(qt), lora_a, lora_b, float(scaling), bias)
-        return y, (xa if lora_a is not None else None)
-
-    def grad_input(
-        self,
-        dy: torch.Tensor,
-        qt: QuantizedTensor,
-        lora_a: torch.Tensor | None,
-        lora_b: torch.Tensor | None,
-        scaling: float,
-    ) -> torch.Tensor:
-        return qlora_grad_input_op(dy, *_weight_fields(qt), lora_a, lora_b, float(scaling))

@@ -21,13 +21,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..formats import NF4_LEVELS
+from ..formats import FORMAT_IDS, NF4_LEVELS
+from ..formats import NESTED_BLOCK as _NESTED_BLOCK
 
-# Format ids, used as tl.constexpr FORMAT values.
-INT8: tl.constexpr = tl.constexpr(0)
-INT4: tl.constexpr = tl.constexpr(1)
-NF4: tl.constexpr = tl.constexpr(2)
-NESTED_BLOCK: tl.constexpr = tl.constexpr(256)
+# Format ids (formats.FORMAT_IDS), used as tl.constexpr FORMAT values.
+INT8: tl.constexpr = tl.constexpr(FORMAT_IDS["int8"])
+INT4: tl.constexpr = tl.constexpr(FORMAT_IDS["int4"])
+NF4: tl.constexpr = tl.constexpr(FORMAT_IDS["nf4"])
+NESTED_BLOCK: tl.constexpr = tl.constexpr(_NESTED_BLOCK)
 
 # The NF4 levels as fp32 constexprs (NF4_LEVELS holds exact fp32 values, so nothing rounds).
 _NF4_0: tl.constexpr = tl.constexpr(NF4_LEVELS[0])

@@ -152,7 +152,7 @@ def qlora_backend_names() -> tuple[str, ...]:
 def _triton_backend() -> QLoRABackend:
     if "triton" not in _BACKEND_IMPLS:
         try:
-            from ..kernels.qlora_matmul import TritonBackend
+            from ..kernels.qlora_ops import TritonBackend
         except ImportError as err:  # triton missing, or the kernel module not present
             raise RuntimeError(f"backend='triton' is unavailable: {err}") from err
         _BACKEND_IMPLS["triton"] = TritonBackend()

