@@ -1,13 +1,12 @@
 """`prepare_model`: turn a causal LM (or any module with nn.Linear children) into a trainable PEFT model.
 
 Defaults, and why:
-* ``compute_dtype``: bf16 for "qlora", "lora", "adapter" and "prompt" (the frozen base is only
-  read, bf16 halves its memory and does not overflow like fp16); the model's own dtype for
-  "partial" and "full", where trained and frozen tensors meet in the same matmuls (pass
-  ``compute_dtype=torch.bfloat16`` there only when training under bf16 autocast).
-  Trainable parameters are always fp32.
-* ``target_modules``: the attention projections for LoRA (the lecture's W_q, W_k, W_v, W_o);
-  every linear except the LM head for quantizing the frozen base of the other methods.
+* ``compute_dtype``: None keeps every frozen weight in the dtype it has, as PEFT does; pass
+  e.g. ``torch.bfloat16`` to cast the frozen weights that are not quantized (halves their
+  memory for an fp32 model). Trainable parameters are always fp32.
+* ``target_modules``: the attention projections for LoRA (the lecture's W_q, W_k, W_v, W_o:
+  every linear inside an attention module); every linear except the LM head for quantizing the
+  frozen base of the other methods.
 * Input embeddings are made to require grad whenever they are frozen, so gradient
   checkpointing (now or enabled later) trains the adapters (peft #137).
 Everything is validated before the model is touched: a bad option leaves it unchanged.
@@ -22,8 +21,8 @@ from torch import nn
 
 from ..formats.quantize import resolve_group_size
 from ..nn import BottleneckAdapter, LoRALinear, QuantLinear
+from ..nn.dense import in_out_features, is_dense_linear
 from .config import (
-    DEFAULT_TARGETS,
     METHODS,
     PARTIAL_POLICIES,
     QUANT_FORMATS,
@@ -35,10 +34,8 @@ from .config import (
 from .partial import partial_trainable
 from .prompt import attach_prompt
 from .targets import (
-    ATTENTION_NAMES,
-    MLP_NAMES,
-    block_children,
-    find_blocks,
+    adapter_hosts,
+    default_lora_targets,
     hidden_size,
     input_embeddings,
     linear_modules,
@@ -46,8 +43,6 @@ from .targets import (
     resolve_targets,
     set_submodule,
 )
-
-QUANTIZED_BASE_DEFAULT_DTYPE = torch.bfloat16
 
 
 def prepare_model(
@@ -98,15 +93,13 @@ def prepare_model(
         raise ValueError("method='full' trains every weight, so nothing can be quantized; drop quant=")
     if method == "partial" and policy not in PARTIAL_POLICIES:
         raise ValueError(f"policy must be one of {PARTIAL_POLICIES}, got {policy!r}")
-    current = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    if compute_dtype is None:
-        compute_dtype = current if method in ("partial", "full") else QUANTIZED_BASE_DEFAULT_DTYPE
-    compute_dtype = parse_dtype(compute_dtype)
+    if compute_dtype is not None:
+        compute_dtype = parse_dtype(compute_dtype)
 
     # ---- resolve and validate everything before the first change
     cfg = TuningConfig(
         method=method,
-        compute_dtype=dtype_name(compute_dtype),
+        compute_dtype=dtype_name(compute_dtype) if compute_dtype is not None else None,
         quant=quant,
         group_size=group_size,
         double_quant=double_quant,
@@ -115,7 +108,7 @@ def prepare_model(
         model_signature=model_signature(model),
     )
     if method in ("qlora", "lora"):
-        targets = resolve_targets(model, DEFAULT_TARGETS if target_modules is None else target_modules)
+        targets = default_lora_targets(model) if target_modules is None else resolve_targets(model, target_modules)
         _check_lora_options(model, targets, r, dropout)
         cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init = r, float(alpha), dropout, use_rslora, init
         cfg.target_modules = targets
@@ -142,14 +135,14 @@ def prepare_model(
     cfg.trainable = trainable
     modules = linear_modules(model)
     for name in quantize_names:
-        if isinstance(modules[name], nn.Linear):
+        if is_dense_linear(modules[name]):
             try:
-                resolve_group_size(quant, group_size, modules[name].in_features)
+                resolve_group_size(quant, group_size, in_out_features(modules[name])[0])
             except ValueError as exc:
                 raise ValueError(f"cannot quantize {name}: {exc}") from None
     if method == "adapter":
         cfg.bottleneck, cfg.adapter_activation = bottleneck, adapter_activation
-        cfg.adapter_blocks = _adapter_hosts(model)
+        cfg.adapter_blocks = adapter_hosts(model)
         BottleneckAdapter(hidden_size(model), bottleneck, adapter_activation)  # validates the options
     if method == "prompt":
         if input_embeddings(model) is None:
@@ -169,7 +162,7 @@ def prepare_model(
         p.requires_grad_(False)
     for name in quantize_names:
         module = modules[name]
-        if isinstance(module, nn.Linear):
+        if is_dense_linear(module):
             q = QuantLinear.from_linear(module, quant, group_size, double_quant=double_quant)
             set_submodule(model, name, q.to(module.weight.device))
     cfg.quantized_modules = [n for n in quantize_names]
@@ -190,12 +183,16 @@ def prepare_model(
         for name in trainable:
             params[name].requires_grad_(True)
 
-    # ---- dtypes: trainable fp32, frozen in the compute dtype
+    # ---- dtypes: trainable fp32; frozen as they are, or in the compute dtype when one was asked for
     for p in model.parameters():
         if p.is_floating_point():
-            want = torch.float32 if p.requires_grad else compute_dtype
+            want = torch.float32 if p.requires_grad else (compute_dtype or p.dtype)
             if p.dtype != want:
                 p.data = p.data.to(want)
+    if compute_dtype is not None:
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.dtype = compute_dtype
     emb = input_embeddings(model)
     if emb is not None and not emb.weight.requires_grad and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
@@ -211,7 +208,7 @@ def prepare_model(
             )
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False
-    if getattr(model, "config", None) is not None and hasattr(model.config, "dtype"):
+    if compute_dtype is not None and getattr(model, "config", None) is not None and hasattr(model.config, "dtype"):
         model.config.dtype = compute_dtype
     model.qk_config = cfg
     return model
@@ -228,24 +225,9 @@ def _check_lora_options(model: nn.Module, targets: list[str], r: int, dropout: f
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     for name in targets:
-        m = model.get_submodule(name)
-        if r > min(m.in_features, m.out_features):
+        in_f, out_f = in_out_features(model.get_submodule(name))
+        if r > min(in_f, out_f):
             raise ValueError(
-                f"r={r} is larger than {name}'s dims ({m.out_features}x{m.in_features}); "
-                f"choose r <= {min(m.in_features, m.out_features)} or leave this layer out of target_modules"
+                f"r={r} is larger than {name}'s dims ({out_f}x{in_f}); "
+                f"choose r <= {min(in_f, out_f)} or leave this layer out of target_modules"
             )
-
-
-def _adapter_hosts(model: nn.Module) -> list[str]:
-    """Full names of the attention and MLP sub-blocks of every transformer block."""
-    prefix, blocks = find_blocks(model)
-    hosts = []
-    for i, block in enumerate(blocks):
-        for names in (ATTENTION_NAMES, MLP_NAMES):
-            child = block_children(block, names)
-            if child is None:
-                raise ValueError(
-                    f"method='adapter': block {prefix}.{i} ({type(block).__name__}) has no child named one of {names}"
-                )
-            hosts.append(f"{prefix}.{i}.{child}")
-    return hosts
