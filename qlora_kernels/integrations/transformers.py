@@ -42,6 +42,7 @@ from ..nn import QuantLinear
 from ..nn.dense import dense_weight, in_out_features, is_conv1d, is_dense_linear
 from ..tuning.config import dtype_name, parse_dtype
 from ..tuning.targets import set_submodule
+from .load_memory import MappedCheckpoint
 
 QUANT_METHOD = "qlora_kernels"
 
@@ -124,6 +125,8 @@ class QLoRAKernelsQuantize(ConversionOps):
         module_name = full_layer_name.rpartition(".")[0]
         layer = model.get_submodule(module_name)
         self.hf_quantizer.replace_with_quantized(model, module_name, layer, value)
+        self.hf_quantizer.checkpoint.release(value)
+        self.hf_quantizer.checkpoint.trim_heap()
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
         return {}
@@ -138,6 +141,7 @@ class QLoRAKernelsHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: QLoRAKernelsConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.targets: set[str] = set()
+        self.checkpoint = MappedCheckpoint([])
 
     @property
     def quantized_element_size(self) -> float:
@@ -177,6 +181,7 @@ class QLoRAKernelsHfQuantizer(HfQuantizer):
                     "or keep it dense with QLoRAKernelsConfig(modules_to_not_convert=[...])"
                 ) from None
         self.targets = set(targets)
+        self.checkpoint = MappedCheckpoint(kwargs.get("checkpoint_files") or [])
         if self.pre_quantized:
             for name, module in targets.items():
                 set_submodule(model, name, self._empty_layer(module))
