@@ -54,7 +54,8 @@ class QLoRAKernelsConfig(QuantizationConfigMixin):
 
     format: "nf4" (default), "int4" or "int8". group_size: block / group along the input features
     (32, 64, 128 or 256; None picks 64, or the largest smaller size that divides the layer);
-    int8 takes None. modules_to_not_convert: names (or name suffixes) of layers to keep dense, on
+    int8 takes None. modules_to_not_convert: modules to keep dense, each named by a dotted part of
+    the full name (``"lm_head"``, ``"mlp"``, ``"model.layers.0"``) or a transformers pattern, on
     top of what transformers always keeps (the output head, tied weights, the model's
     ``_keep_in_fp32_modules``). compute_dtype: dtype the quantized matmuls run in (inputs cast to
     it, outputs cast back); None computes in the input's dtype. double_quant: NF4 absmax values
@@ -169,7 +170,7 @@ class QLoRAKernelsHfQuantizer(HfQuantizer):
         targets = {
             name: module
             for name, module in model.named_modules()
-            if name and is_dense_linear(module) and should_convert_module(name, skip)
+            if name and is_dense_linear(module) and not _skipped(name, skip)
         }
         for name, module in targets.items():
             in_features = in_out_features(module)[0]
@@ -278,6 +279,12 @@ class QLoRAKernelsHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return False
+
+
+def _skipped(name: str, patterns: list[str]) -> bool:
+    """True if a dotted part of `name` is one of `patterns`, or transformers' own matching says so."""
+    dotted = f".{name}."
+    return any(f".{p}." in dotted for p in patterns) or not should_convert_module(name, patterns)
 
 
 def _register() -> None:
