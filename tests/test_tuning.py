@@ -344,3 +344,22 @@ def test_param_groups_layerwise_decay(tiny):
     assert sum(len(g["params"]) for g in qk.param_groups(lora, 1e-3)) == 3 * 4 * 2
     with pytest.raises(ValueError, match="decay must be in"):
         qk.param_groups(model, 1e-3, decay=0)
+
+
+def test_frozen_weights_keep_their_dtype_unless_compute_dtype_asks(tiny, ids):
+    """PEFT's convention: the frozen base keeps its dtype, so LoRA at init computes exactly the base model."""
+    model = qk.prepare_model(fresh(tiny), "lora")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model.config.dtype == tiny.config.dtype
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, tiny(input_ids=ids).logits)
+
+    half = qk.prepare_model(fresh(tiny).to(torch.bfloat16), "adapter", bottleneck=8)
+    assert {p.dtype for p in half.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in half.parameters() if p.requires_grad} == {torch.float32}
+
+    cast = qk.prepare_model(fresh(tiny), "qlora", compute_dtype="bf16")
+    assert {p.dtype for p in cast.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in cast.parameters() if p.requires_grad} == {torch.float32}
+    assert all(m.weight.dtype == torch.bfloat16 for m in cast.modules() if isinstance(m, QuantLinear))
+    assert cast.qk_config.compute_dtype == "bfloat16" and cast.config.dtype == torch.bfloat16

@@ -51,6 +51,11 @@ class QuantLoraLinear(PeftLoraLinear):
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
         self.fan_in_fan_out = False  # QuantLinear stores W as (out, in) whatever the original layer was
 
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        if isinstance(module, QuantLinear):
+            return module.in_features, module.out_features
+        return super()._get_in_out_features(module)
+
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any):
         variant = super().resolve_lora_variant(config=config, **kwargs)
         if variant is not None:
