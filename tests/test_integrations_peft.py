@@ -194,3 +194,32 @@ def test_gpt2_conv1d_layers_quantized_then_peft():
                 target = ref.get_submodule(name.removeprefix("base_model.model."))
                 dense_weight(target).add_(module.get_delta_weight("default"))
         assert_close_by_norm(model(**batch).logits, ref(**batch).logits, 1e-5, "GPT-2 with QuantLoraLinear")
+
+
+def test_kbit_preparation_and_gradient_checkpointing_keep_the_packed_weights(fused_calls):
+    """The usual QLoRA recipe: prepare_model_for_kbit_training, then LoRA, trained with checkpointing."""
+    model = quantized()
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".weight_" in k}
+    model = peft.prepare_model_for_kbit_training(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # PEFT turns checkpointing on for bitsandbytes-style models only; TRL (gradient_checkpointing=True) does it so
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing
+    config = register_lora_layers(peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    model = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    batch = inputs("llama")
+    model.train()
+    model(**batch).loss.backward()
+    checkpointed = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    recomputed = sum(fused_calls)
+    fused_calls.clear()
+    model.zero_grad()
+    model.base_model.model.gradient_checkpointing_disable()
+    model(**batch).loss.backward()
+    assert recomputed == 2 * sum(fused_calls) > 0, "checkpointing should run every LoRA layer's forward again"
+    for name, grad in checkpointed.items():
+        assert_close_by_norm(grad, model.get_parameter(name).grad, 1e-5, name)
