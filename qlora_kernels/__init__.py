@@ -18,6 +18,16 @@ from .tuning import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # transformers' quantizer registry costs ~1 s to import: load it only when the config is used
+    if name == "QLoRAKernelsConfig":
+        from .integrations.transformers import QLoRAKernelsConfig
+
+        return QLoRAKernelsConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "FORMATS",
     "BottleneckAdapter",

@@ -148,7 +148,7 @@ def test_lora_bad_arguments(kwargs, exc, match):
 
 
 def test_lora_rejects_other_base_types():
-    with pytest.raises(TypeError, match="nn.Linear or a QuantLinear"):
+    with pytest.raises(TypeError, match="nn.Linear, a transformers Conv1D or a QuantLinear, got Conv1d"):
         qk.LoRALinear(nn.Conv1d(3, 3, 1), r=1)
 
 

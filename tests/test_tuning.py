@@ -71,11 +71,11 @@ METHODS = [
 def test_step_trains_only_trainable_and_dtypes(tiny, ids, method, opts):
     model = qk.prepare_model(fresh(tiny), method, **opts)
     assert model.qk_config.method == method
-    compute = torch.bfloat16 if method not in ("partial", "full") else torch.float32
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable, "nothing to train"
     assert all(p.dtype == torch.float32 for p in trainable.values())
-    assert all(p.dtype == compute for n, p in model.named_parameters() if not p.requires_grad)
+    # frozen weights keep the model's dtype (fp32 here) unless compute_dtype asks otherwise
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if not p.requires_grad)
     randomize_lora(model)  # else the zero-initialised B / up make A / down gradients zero
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     buffers = {n: b.clone() for n, b in model.named_buffers() if b is not None}
@@ -131,7 +131,7 @@ def test_qlora_wraps_quantlinear_and_default_targets(tiny):
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, LoRALinear) and isinstance(layer.base, QuantLinear) and layer.base.format == "nf4"
     assert isinstance(model.model.layers[0].mlp.up_proj, nn.Linear)
-    assert model.qk_config.quant == "nf4" and model.qk_config.compute_dtype == "bfloat16"
+    assert model.qk_config.quant == "nf4" and model.qk_config.compute_dtype is None
 
 
 @pytest.mark.parametrize(
@@ -407,3 +407,22 @@ def test_gradient_checkpointing_on_a_plain_module_is_refused_before_changes():
 def test_prepare_model_needs_a_module():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         qk.prepare_model("model")
+
+
+def test_frozen_weights_keep_their_dtype_unless_compute_dtype_asks(tiny, ids):
+    """PEFT's convention: the frozen base keeps its dtype, so LoRA at init computes exactly the base model."""
+    model = qk.prepare_model(fresh(tiny), "lora")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model.config.dtype == tiny.config.dtype
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, tiny(input_ids=ids).logits)
+
+    half = qk.prepare_model(fresh(tiny).to(torch.bfloat16), "adapter", bottleneck=8)
+    assert {p.dtype for p in half.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in half.parameters() if p.requires_grad} == {torch.float32}
+
+    cast = qk.prepare_model(fresh(tiny), "qlora", compute_dtype="bf16")
+    assert {p.dtype for p in cast.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in cast.parameters() if p.requires_grad} == {torch.float32}
+    assert all(m.weight.dtype == torch.bfloat16 for m in cast.modules() if isinstance(m, QuantLinear))
+    assert cast.qk_config.compute_dtype == "bfloat16" and cast.config.dtype == torch.bfloat16

@@ -1,8 +1,10 @@
-"""`LoRALinear`: a frozen base (`nn.Linear` or `QuantLinear`) plus a trainable low-rank update.
+"""`LoRALinear`: a frozen base (`nn.Linear`, transformers `Conv1D` or `QuantLinear`) plus a trainable low-rank update.
 
 y = base(x) + scaling * B(A(dropout(x))), scaling = alpha / r (alpha / sqrt(r) with rsLoRA).
 B starts at zero, so the layer equals its base at initialisation. The parameters live in
-`lora_A` / `lora_B` `nn.Linear` children, the names PEFT uses, so adapter files map 1:1.
+`lora_A` / `lora_B` `nn.Linear` children, the names PEFT uses, so adapter files map 1:1
+(for a `Conv1D` base too: A is (r, in), B is (out, r), as PEFT's ``fan_in_fan_out`` layers).
+`.weight` is the base's weight, as on PEFT's LoRA layers, for model code that reads it.
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common import check_bool, check_int, check_real
-from ..formats import quantize
-from ..ops import qlora_linear
+from .dense import dense_weight, in_out_features, is_conv1d, is_dense_linear
 from .quant_linear import QuantLinear
 
 INITS = ("kaiming", "gaussian")
@@ -49,7 +50,7 @@ class LoRALinear(nn.Module):
 
     def __init__(
         self,
-        base: nn.Linear | QuantLinear,
+        base: nn.Module,
         r: int = 16,
         alpha: float = 32.0,
         dropout: float = 0.0,
@@ -57,9 +58,11 @@ class LoRALinear(nn.Module):
         init: str = "kaiming",
     ) -> None:
         super().__init__()
-        if not isinstance(base, (nn.Linear, QuantLinear)):
-            raise TypeError(f"LoRALinear wraps an nn.Linear or a QuantLinear, got {type(base).__name__}")
-        in_f, out_f = base.in_features, base.out_features
+        if not (isinstance(base, QuantLinear) or is_dense_linear(base)):
+            raise TypeError(
+                f"LoRALinear wraps an nn.Linear, a transformers Conv1D or a QuantLinear, got {type(base).__name__}"
+            )
+        in_f, out_f = in_out_features(base)
         r, alpha, dropout = check_lora_options(r, alpha, dropout, use_rslora, init, max_r=min(in_f, out_f))
         base.requires_grad_(False)  # the base is frozen: only lora_A / lora_B train
         self.base = base
@@ -69,7 +72,7 @@ class LoRALinear(nn.Module):
         self.use_rslora = use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        device = base.weight.device if isinstance(base, nn.Linear) else base.weight_data.device
+        device = base.weight_data.device if isinstance(base, QuantLinear) else base.weight.device
         self.lora_A = nn.Linear(in_f, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, out_f, bias=False, device=device, dtype=torch.float32)
         self.init = init
@@ -88,6 +91,11 @@ class LoRALinear(nn.Module):
     def is_quantized(self) -> bool:
         return isinstance(self.base, QuantLinear)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (read-only view for a quantized base), as PEFT's LoRA layers expose it."""
+        return self.base.weight
+
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in fp32, shape (out_features, in_features)."""
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
@@ -99,7 +107,7 @@ class LoRALinear(nn.Module):
         dropout_active = self.training and isinstance(self.dropout, nn.Dropout)
         if self.is_quantized and not dropout_active:
             # One fused call: base matmul and the LoRA side path share the x tiles.
-            return qlora_linear(x, self.base.qweight, a, b, self.scaling, self.base.bias, backend=self.base.backend)
+            return self.base.qlora(x, a, b, self.scaling)
         y = self.base(x)
         x_lora = self.dropout(x)
         side = F.linear(F.linear(x_lora.to(a.dtype), a), b) * self.scaling
@@ -116,17 +124,9 @@ class LoRALinear(nn.Module):
             raise ValueError("LoRALinear is already merged; call unmerge() first")
         target = self.base_weight(torch.float32) + self.delta_weight()
         if self.is_quantized:
-            qt = self.base.qweight
-            new = quantize(
-                target,
-                qt.format,
-                qt.group_size if qt.format != "int8" else None,
-                symmetric=qt.symmetric,
-                double_quant=qt.double_quant if qt.format == "nf4" else True,
-            )
-            self.base.replace_weight(new)
+            self.base.replace_weight(self.base.quantize_like(target))
         else:
-            self.base.weight.copy_(target.to(self.base.weight.dtype))
+            dense_weight(self.base).copy_(target.to(self.base.weight.dtype))
         self.merged = True
         stored = self.base_weight(torch.float32)
         return ((stored - target).norm() / target.norm().clamp(min=1e-30)).item()
@@ -141,17 +141,19 @@ class LoRALinear(nn.Module):
                 "cannot unmerge from a quantized base: requantization lost information; "
                 "keep an unmerged copy, or merge into a dequantized model instead"
             )
-        self.base.weight.copy_((self.base.weight.float() - self.delta_weight()).to(self.base.weight.dtype))
+        weight = dense_weight(self.base)
+        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
         self.merged = False
 
     def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The base's dense weight (dequantized if needed)."""
+        """The base's dense weight as (out_features, in_features) (dequantized if needed)."""
         if self.is_quantized:
             return self.base.dequantized_weight(dtype)
-        return self.base.weight.to(dtype)
+        return dense_weight(self.base).to(dtype)
 
     def extra_repr(self) -> str:
+        fan_in_fan_out = ", fan_in_fan_out" if is_conv1d(self.base) else ""
         return (
             f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, "
-            f"rslora={self.use_rslora}, merged={self.merged}"
+            f"rslora={self.use_rslora}, merged={self.merged}{fan_in_fan_out}"
         )

@@ -34,7 +34,7 @@ class TuningConfig:
     """The method and resolved options of a prepared model (stored as ``model.qk_config``)."""
 
     method: str
-    compute_dtype: str
+    compute_dtype: str | None  # None: frozen weights kept their own dtypes
     quant: str | None = None
     group_size: int | None = None
     double_quant: bool = True

@@ -24,7 +24,9 @@ from torch import nn
 
 from ..formats import atomic_save_safetensors
 from ..nn import BottleneckAdapter, LoRALinear
+from ..nn.dense import is_conv1d
 from .config import TuningConfig, get_config, model_signature
+from .targets import linear_modules
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -65,7 +67,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def _peft_config(cfg: TuningConfig, model: nn.Module) -> dict[str, Any]:
     common = {
         "peft_type": PEFT_TYPES[cfg.method],
-        "task_type": "CAUSAL_LM",
+        "task_type": _task_type(model),
         "base_model_name_or_path": cfg.base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
@@ -79,7 +81,8 @@ def _peft_config(cfg: TuningConfig, model: nn.Module) -> dict[str, Any]:
             "use_rslora": cfg.use_rslora,
             "target_modules": _compact_targets(model, cfg.target_modules),
             "bias": "none",
-            "fan_in_fan_out": False,
+            # PEFT's flag for transformers Conv1D layers (GPT-2), which store W as (in, out)
+            "fan_in_fan_out": any(is_conv1d(m.base) for m in model.modules() if isinstance(m, LoRALinear)),
             "init_lora_weights": True,
             "modules_to_save": None,
             "layers_to_transform": None,
@@ -105,10 +108,17 @@ def _peft_config(cfg: TuningConfig, model: nn.Module) -> dict[str, Any]:
     return {**common, "library": "qlora-kernels", "qk_config": cfg.to_dict()}
 
 
+def _task_type(model: nn.Module) -> str:
+    """PEFT's task type: SEQ_2_SEQ_LM for encoder-decoder models (T5, BART), else CAUSAL_LM."""
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return "SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM"
+
+
 def _compact_targets(model: nn.Module, targets: list[str]) -> list[str]:
     """Short names (q_proj, ...) when they select exactly the targeted layers, else the full names."""
     short = sorted({t.rsplit(".", 1)[-1] for t in targets})
-    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    # every layer PEFT could match: the LoRA layers and the other linears (GPT-2 has attn.c_proj and mlp.c_proj)
+    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)] + list(linear_modules(model))
     matched = {n for n in names for s in short if n == s or n.endswith("." + s)}
     return short if matched == set(targets) else sorted(targets)
 
@@ -282,8 +292,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, **overrides: 
 
     folder = Path(adapter_dir)
     peft_config, ours, tensors = read_adapter(folder)
-    if peft_config.get("task_type") not in (None, "CAUSAL_LM"):
-        raise ValueError(f"{folder}: task_type={peft_config.get('task_type')!r}; only CAUSAL_LM adapters are supported")
+    if peft_config.get("task_type") not in (None, "CAUSAL_LM", "SEQ_2_SEQ_LM"):
+        raise ValueError(
+            f"{folder}: task_type={peft_config.get('task_type')!r}; "
+            "only CAUSAL_LM and SEQ_2_SEQ_LM adapters are supported"
+        )
     if ours is not None and ours.model_signature:
         sig = model_signature(model)
         diff = {k: (v, sig.get(k)) for k, v in ours.model_signature.items() if k != "class" and sig.get(k) != v}

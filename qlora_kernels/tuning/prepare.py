@@ -1,13 +1,12 @@
 """`prepare_model`: turn a causal LM (or any module with nn.Linear children) into a trainable PEFT model.
 
 Defaults, and why:
-* ``compute_dtype``: bf16 for "qlora", "lora", "adapter" and "prompt" (the frozen base is only
-  read, bf16 halves its memory and does not overflow like fp16); the model's own dtype for
-  "partial" and "full", where trained and frozen tensors meet in the same matmuls (pass
-  ``compute_dtype=torch.bfloat16`` there only when training under bf16 autocast).
-  Trainable parameters are always fp32.
-* ``target_modules``: the attention projections for LoRA (the lecture's W_q, W_k, W_v, W_o);
-  every linear except the LM head for quantizing the frozen base of the other methods.
+* ``compute_dtype``: None keeps every frozen weight in the dtype it has, as PEFT does; pass
+  e.g. ``torch.bfloat16`` to cast the frozen weights that are not quantized (halves their
+  memory for an fp32 model). Trainable parameters are always fp32.
+* ``target_modules``: the attention projections for LoRA (the lecture's W_q, W_k, W_v, W_o:
+  every linear inside an attention module); every linear except the LM head for quantizing the
+  frozen base of the other methods.
 * Input embeddings are made to require grad whenever they are frozen, so gradient
   checkpointing (now or enabled later) trains the adapters (peft #137).
 Plan, then apply: `plan_preparation` validates every option and decides what to replace, without
@@ -27,9 +26,9 @@ from ..formats import FORMATS
 from ..formats.quantize import resolve_group_size
 from ..nn import BottleneckAdapter, LoRALinear, QuantLinear
 from ..nn.adapter import check_adapter_options
+from ..nn.dense import in_out_features, is_dense_linear
 from ..nn.lora_linear import check_lora_options
 from .config import (
-    DEFAULT_TARGETS,
     METHODS,
     PARTIAL_POLICIES,
     TuningConfig,
@@ -40,10 +39,8 @@ from .config import (
 from .partial import partial_trainable
 from .prompt import attach_prompt, init_prompt_vectors
 from .targets import (
-    ATTENTION_NAMES,
-    MLP_NAMES,
-    block_children,
-    find_blocks,
+    adapter_hosts,
+    default_lora_targets,
     hidden_size,
     input_embeddings,
     linear_modules,
@@ -51,8 +48,6 @@ from .targets import (
     resolve_targets,
     set_submodule,
 )
-
-QUANTIZED_BASE_DEFAULT_DTYPE = torch.bfloat16
 
 
 @dataclass
@@ -62,7 +57,7 @@ class PreparePlan:
     soft prompt's initial vectors for method="prompt"."""
 
     config: TuningConfig
-    compute_dtype: torch.dtype
+    compute_dtype: torch.dtype | None
     prompt_init: torch.Tensor | None = None
 
 
@@ -166,14 +161,12 @@ def plan_preparation(
     if gradient_checkpointing:
         _check_checkpointing_support(model)
     _check_target_modules(target_modules)
-    current = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    if compute_dtype is None:
-        compute_dtype = current if method in ("partial", "full") else QUANTIZED_BASE_DEFAULT_DTYPE
-    compute_dtype = parse_dtype(compute_dtype)
+    if compute_dtype is not None:
+        compute_dtype = parse_dtype(compute_dtype)
 
     cfg = TuningConfig(
         method=method,
-        compute_dtype=dtype_name(compute_dtype),
+        compute_dtype=dtype_name(compute_dtype) if compute_dtype is not None else None,
         quant=quant,
         group_size=group_size,
         double_quant=double_quant,
@@ -183,14 +176,16 @@ def plan_preparation(
     )
     prompt_init = None
     if method in ("qlora", "lora"):
-        cfg.target_modules = resolve_targets(model, DEFAULT_TARGETS if target_modules is None else target_modules)
+        cfg.target_modules = (
+            default_lora_targets(model) if target_modules is None else resolve_targets(model, target_modules)
+        )
         cfg.r, cfg.alpha, cfg.dropout = check_lora_options(r, alpha, dropout, use_rslora, init)
         cfg.use_rslora, cfg.init = use_rslora, init
         _check_rank_fits(model, cfg.target_modules, cfg.r)
     elif method == "adapter":
         check_adapter_options(hidden_size(model), bottleneck, adapter_activation, 0.0)
         cfg.bottleneck, cfg.adapter_activation = bottleneck, adapter_activation
-        cfg.adapter_blocks = _adapter_hosts(model)
+        cfg.adapter_blocks = adapter_hosts(model)
     elif method == "prompt":
         if input_embeddings(model) is None:
             raise ValueError(
@@ -245,11 +240,11 @@ def _check_checkpointing_support(model: nn.Module) -> None:
 
 def _check_rank_fits(model: nn.Module, targets: list[str], r: int) -> None:
     for name in targets:
-        m = model.get_submodule(name)
-        if r > min(m.in_features, m.out_features):
+        in_f, out_f = in_out_features(model.get_submodule(name))
+        if r > min(in_f, out_f):
             raise ValueError(
-                f"r={r} is larger than {name}'s dims ({m.out_features}x{m.in_features}); "
-                f"choose r <= {min(m.in_features, m.out_features)} or leave this layer out of target_modules"
+                f"r={r} is larger than {name}'s dims ({out_f}x{in_f}); "
+                f"choose r <= {min(in_f, out_f)} or leave this layer out of target_modules"
             )
 
 
@@ -276,9 +271,9 @@ def _modules_to_quantize(model: nn.Module, cfg: TuningConfig, target_modules) ->
         ]
     modules = linear_modules(model)
     for name in names:
-        if isinstance(modules[name], nn.Linear):
+        if is_dense_linear(modules[name]):
             try:
-                resolve_group_size(cfg.quant, cfg.group_size, modules[name].in_features)
+                resolve_group_size(cfg.quant, cfg.group_size, in_out_features(modules[name])[0])
             except ValueError as exc:
                 raise ValueError(f"cannot quantize {name}: {exc}") from None
     return names
@@ -287,21 +282,6 @@ def _modules_to_quantize(model: nn.Module, cfg: TuningConfig, target_modules) ->
 def _name_or_path(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
-
-
-def _adapter_hosts(model: nn.Module) -> list[str]:
-    """Full names of the attention and MLP sub-blocks of every transformer block."""
-    prefix, blocks = find_blocks(model)
-    hosts = []
-    for i, block in enumerate(blocks):
-        for names in (ATTENTION_NAMES, MLP_NAMES):
-            child = block_children(block, names)
-            if child is None:
-                raise ValueError(
-                    f"method='adapter': block {prefix}.{i} ({type(block).__name__}) has no child named one of {names}"
-                )
-            hosts.append(f"{prefix}.{i}.{child}")
-    return hosts
 
 
 # ----------------------------------------------------------------------------------- apply
@@ -319,7 +299,7 @@ def apply_plan(model: nn.Module, plan: PreparePlan) -> None:
         model.enable_input_require_grads()
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
-    if getattr(model, "config", None) is not None and hasattr(model.config, "dtype"):
+    if plan.compute_dtype is not None and getattr(model, "config", None) is not None and hasattr(model.config, "dtype"):
         model.config.dtype = plan.compute_dtype
     model.qk_config = cfg
 
@@ -328,7 +308,7 @@ def _quantize_modules(model: nn.Module, cfg: TuningConfig) -> None:
     modules = linear_modules(model)
     for name in cfg.quantized_modules:
         module = modules[name]
-        if isinstance(module, nn.Linear):
+        if is_dense_linear(module):
             q = QuantLinear.from_linear(module, cfg.quant, cfg.group_size, double_quant=cfg.double_quant)
             set_submodule(model, name, q.to(module.weight.device))
 
@@ -353,13 +333,17 @@ def _add_method(model: nn.Module, cfg: TuningConfig, prompt_init: torch.Tensor |
             params[name].requires_grad_(True)
 
 
-def _set_dtypes(model: nn.Module, compute_dtype: torch.dtype) -> None:
-    """Trainable parameters in fp32, frozen ones in the compute dtype."""
+def _set_dtypes(model: nn.Module, compute_dtype: torch.dtype | None) -> None:
+    """Trainable parameters in fp32; frozen ones as they are, or in the compute dtype when one was asked for."""
     for p in model.parameters():
         if p.is_floating_point():
-            want = torch.float32 if p.requires_grad else compute_dtype
+            want = torch.float32 if p.requires_grad else (compute_dtype or p.dtype)
             if p.dtype != want:
                 p.data = p.data.to(want)
+    if compute_dtype is not None:
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.dtype = compute_dtype
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:

@@ -5,6 +5,9 @@ ids become input embeddings with the prompt in front, the attention mask gets on
 labels get -100 for the virtual tokens; on cached decoding steps (``generate()``) only the mask
 is extended. Positions are recomputed from the extended mask (left padding stays right) and
 ``cache_position`` from the cache length, which includes the virtual tokens.
+
+On an encoder-decoder model (T5, BART) the prompt goes in front of the encoder input only:
+the labels and the decoder inputs are left as they are, and no positions are passed.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from .targets import input_embeddings
 class SoftPromptHook:
     """Forward pre-hook (with kwargs) implementing prompt tuning for a causal LM."""
 
-    def __init__(self, prompt: PromptEmbedding, embeddings: nn.Embedding) -> None:
+    def __init__(self, prompt: PromptEmbedding, embeddings: nn.Embedding, encoder_decoder: bool = False) -> None:
         self.prompt = prompt
         self.embeddings = embeddings
+        self.encoder_decoder = encoder_decoder
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if args:
@@ -36,9 +40,16 @@ class SoftPromptHook:
         past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
         n = self.prompt.num_virtual_tokens
         ref = input_ids if input_ids is not None else embeds
+        if ref is None and self.encoder_decoder:
+            raise ValueError(
+                "prompt tuning on an encoder-decoder model puts the prompt in front of the encoder input, so it needs "
+                "input_ids or inputs_embeds; precomputed encoder_outputs (as generate() passes) bypass it"
+            )
         if ref is None:
             raise ValueError("prompt tuning needs input_ids or inputs_embeds")
         batch, device = ref.shape[0], ref.device
+        if self.encoder_decoder:
+            return (), self._encoder_input(kwargs, input_ids, embeds, mask, batch, device)
         if past_len == 0:  # first pass: put the prompt in front of the sequence
             if embeds is None:
                 embeds = self.embeddings(input_ids)
@@ -68,6 +79,15 @@ class SoftPromptHook:
         if kwargs.get("cache_position") is not None:  # transformers < 5.2x passes it
             kwargs["cache_position"] = torch.arange(past_len, past_len + new_len, device=device)
         return (), kwargs
+
+    def _encoder_input(self, kwargs: dict, input_ids, embeds, mask, batch: int, device) -> dict:
+        if embeds is None:
+            embeds = self.embeddings(input_ids)
+        prompts = self.prompt(batch).to(device=device, dtype=embeds.dtype)
+        kwargs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
+        if mask is not None:
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, self.prompt.num_virtual_tokens), mask], dim=1)
+        return kwargs
 
 
 def init_prompt_vectors(
@@ -102,5 +122,6 @@ def attach_prompt(model: nn.Module, init: torch.Tensor) -> PromptEmbedding:
         )
     prompt = PromptEmbedding(init.shape[0], emb.embedding_dim, init=init).to(emb.weight.device)
     model.add_module("qk_prompt", prompt)
-    model.register_forward_pre_hook(SoftPromptHook(prompt, emb), with_kwargs=True)
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    model.register_forward_pre_hook(SoftPromptHook(prompt, emb, encoder_decoder), with_kwargs=True)
     return prompt

@@ -1,4 +1,10 @@
-"""Finding the modules to change: linear targets, transformer blocks, embeddings and head."""
+"""Finding the modules to change: linear targets, transformer blocks, embeddings and head.
+
+Linear layers are `nn.Linear`, transformers' `Conv1D` (GPT-2) and our `QuantLinear`. Attention
+modules are recognised by their class name ending in "Attention" (LlamaAttention, GPT2Attention,
+T5Attention, BartAttention, ...), which holds across the architectures transformers ships, so
+defaults work for decoder-only and encoder-decoder models alike.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,20 @@ from collections.abc import Iterable
 from torch import nn
 
 from ..nn import LoRALinear, QuantLinear
+from ..nn.dense import is_dense_linear
+from .config import DEFAULT_TARGETS
 
-LINEAR_TYPES = (nn.Linear, QuantLinear)
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
-MLP_NAMES = ("mlp", "feed_forward", "ffn")
+MLP_NAMES = ("mlp", "feed_forward", "ffn", "DenseReluDense")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, transformers Conv1D or QuantLinear."""
+    return isinstance(module, QuantLinear) or is_dense_linear(module)
+
+
+def is_attention(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("Attention")
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
@@ -38,9 +54,80 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(module, LoRALinear):
             skip.append(name)
             continue
-        if isinstance(module, LINEAR_TYPES) and name:
+        if is_linear(module) and name:
             found[name] = module
     return found
+
+
+def default_lora_targets(model: nn.Module) -> list[str]:
+    """Full names of the linear layers inside attention modules (q/k/v/o, c_attn, query_key_value, ...).
+
+    Models without recognisable attention modules fall back to the names in `DEFAULT_TARGETS`.
+    """
+    attention = [name for name, module in model.named_modules() if name and is_attention(module)]
+    names = [n for n in linear_modules(model) if any(n.startswith(a + ".") for a in attention)]
+    return names if names else resolve_targets(model, DEFAULT_TARGETS)
+
+
+def adapter_hosts(model: nn.Module) -> list[str]:
+    """Where bottleneck adapters go: after each block's self-attention and its feed-forward part.
+
+    Blocks are the elements of the outermost `nn.ModuleList`s whose elements hold an attention
+    module (``model.layers``; ``encoder.block`` and ``decoder.block`` for T5). In a block, the
+    attention host is the first attention module with no attention module inside (T5Attention,
+    not T5LayerSelfAttention: the output before the residual add); the feed-forward host is the
+    first child named in `MLP_NAMES`, else (OPT, BART: fc1 / fc2 sit in the block) the block's
+    last direct linear child.
+    """
+    hosts: list[str] = []
+    for prefix, blocks in _block_lists(model):
+        for i, block in enumerate(blocks):
+            base = f"{prefix}.{i}"
+            attention = _innermost_attention(block)
+            ffn = _feed_forward(block)
+            if attention is None or ffn is None:
+                what = "an attention module" if attention is None else f"a feed-forward child (one of {MLP_NAMES})"
+                raise ValueError(f"method='adapter': block {base} ({type(block).__name__}) has no {what}")
+            hosts += [f"{base}.{attention}", f"{base}.{ffn}"]
+    if not hosts:
+        prefix, blocks = find_blocks(model)
+        for i, block in enumerate(blocks):
+            for names in (ATTENTION_NAMES, MLP_NAMES):
+                child = block_children(block, names)
+                if child is None:
+                    raise ValueError(
+                        f"method='adapter': block {prefix}.{i} ({type(block).__name__}) has no child named one of "
+                        f"{names}"
+                    )
+                hosts.append(f"{prefix}.{i}.{child}")
+    return hosts
+
+
+def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    found: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(name.startswith(prefix + ".") for prefix, _ in found):
+            continue
+        if all(any(is_attention(m) for m in block.modules()) for block in module):
+            found.append((name, module))
+    return found
+
+
+def _innermost_attention(block: nn.Module) -> str | None:
+    for name, module in block.named_modules():
+        if name and is_attention(module) and not any(is_attention(m) for m in list(module.modules())[1:]):
+            return name
+    return None
+
+
+def _feed_forward(block: nn.Module) -> str | None:
+    for name, _ in block.named_modules():
+        if name and name.rsplit(".", 1)[-1] in MLP_NAMES:
+            return name
+    linears = [name for name, child in block.named_children() if is_linear(child)]
+    return linears[-1] if linears else None
 
 
 def resolve_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
