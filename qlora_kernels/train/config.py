@@ -16,6 +16,7 @@ from .precision import Precision, resolve_precision
 METHODS = ("qlora", "lora", "adapter", "prompt", "partial", "full")
 QUANTS = ("nf4", "int4", "int8", "none")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+DISTRIBUTED = ("none", "ddp", "fsdp", "auto")  # checked against the launch by train.distributed
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     threads: int = 0
+    distributed: str = "none"  # under torchrun: ddp | fsdp | auto (ddp when WORLD_SIZE > 1)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,6 +93,7 @@ class TrainConfig:
             (len(self.betas) == 2, "betas", "a list of two floats"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1"),
             (0 < self.lr_decay <= 1, "lr_decay", "in (0, 1]"),
+            (self.distributed in DISTRIBUTED, "distributed", f"one of {DISTRIBUTED}"),
         ]
         for ok, key, expected in checks:
             if not ok:

@@ -30,6 +30,8 @@ from ..ops.linear_cross_entropy import linear_cross_entropy
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE_INDEX, DataStats, Example, LengthGroupedBatches, collate, count_label_tokens, load_examples
+from .distributed import Distributed, DistributedPlan, plan_distributed, start_distributed
+from .parallel import full_state, wrap_model
 from .precision import apply_cpu_precision
 from .schedule import lr_at
 
@@ -144,21 +146,26 @@ def accumulate_gradients(
     device: torch.device,
     autocast: Callable[[], Any] = contextlib.nullcontext,
     scaler: torch.amp.GradScaler | None = None,
+    run: Distributed | None = None,
 ) -> tuple[float, int]:
     """Backward over all micro-batches of one step; returns (mean loss per completion token, token count).
 
     Each micro-batch's summed loss is divided by the completion tokens of the whole step, so the
     accumulated gradient equals that of one batch holding every example, whatever the split.
+    Under DDP/FSDP (`run`) the step spans all ranks' micro-batches: tokens and loss are summed
+    over ranks too, so the result equals one process with the same global batch.
     """
-    n_tokens = sum(count_label_tokens(b) for b in micro_batches)
+    run = run or Distributed(DistributedPlan("none"))
+    n_tokens = run.sum_int(sum(count_label_tokens(b) for b in micro_batches))
+    divisor = run.loss_divisor(n_tokens)
     loss_sum = 0.0
     for batch in micro_batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            loss = completion_loss_sum(model, batch) / max(n_tokens, 1)
+            loss = completion_loss_sum(model, batch) / divisor
         (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += loss.item()
-    return loss_sum, n_tokens
+    return run.mean(loss_sum), n_tokens
 
 
 @torch.no_grad()
@@ -298,16 +305,18 @@ def train(
 ) -> TrainResult:
     """Run SFT as configured; pass `model`/`tokenizer` to skip loading (they are prepared here)."""
     # ---- set-up: threads, seeds, device, model, data, optimizer
+    run = start_distributed(plan_distributed(cfg))  # checks `distributed` against the launch first
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = run.device
     precision = cfg.precision(device)
     apply_cpu_precision(precision, device, cfg.dtype)
     print(f"precision: {precision.describe()}", file=sys.stderr)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1), encoding="utf-8")
+    if run.is_main:
+        (output_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1), encoding="utf-8")
     metrics_path = output_dir / METRICS_FILE
     if model is None:
         from .. import load_model
@@ -317,6 +326,7 @@ def train(
         raise ValueError("train(model=...) also needs tokenizer=...")
     prepare(model, cfg, tokenizer, precision.torch_model_dtype)
     model.to(device)
+    engine = wrap_model(model, run, precision.dtype)  # the module to call: DDP wrapper, FSDP-sharded model or model
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     pad_id = tokenizer.pad_token_id
@@ -338,19 +348,27 @@ def train(
         ckpt = latest_checkpoint(output_dir)
         if ckpt is None:
             print(f"--resume: no checkpoint in {output_dir}, starting from step 0", file=sys.stderr)
-            metrics_path.unlink(missing_ok=True)
+            if run.is_main:
+                metrics_path.unlink(missing_ok=True)
         else:
-            state = load_checkpoint(ckpt, model, optimizer, scaler)
+            with full_state(run, model, optimizer, load=True):
+                state = load_checkpoint(ckpt, model, optimizer, scaler)
             batches.load_state_dict(state.data)
             step = state.step
-            _truncate_metrics(metrics_path, step)
+            if run.is_main:
+                _truncate_metrics(metrics_path, step)
             print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
-    else:
+    elif run.is_main:
         metrics_path.unlink(missing_ok=True)
+    run.barrier()  # rank 0 has cleaned up the metrics before anyone writes
 
     def checkpoint() -> Path:
         state = TrainState(step, batches.state_dict(), cfg.to_dict(), {})
-        return save_checkpoint(output_dir, model, optimizer, state, scaler, keep=cfg.keep_checkpoints)
+        with full_state(run, model, optimizer):  # whole tensors, as one process holds them
+            if run.is_main:
+                save_checkpoint(output_dir, model, optimizer, state, scaler, keep=cfg.keep_checkpoints)
+        run.barrier()
+        return latest_checkpoint(output_dir)
 
     # ---- the loop
     model.train()
@@ -360,7 +378,9 @@ def train(
     interrupted = False
     start_step = step
     max_steps_cap = cfg.max_steps  # a time budget moves max_steps below this, never above
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps, initial=step, disable=not (cfg.progress and run.is_main), desc="train", dynamic_ncols=True
+    )
     t_start = time.perf_counter()
     with _InterruptFlag() as interrupt:
         while step < cfg.max_steps:
@@ -371,8 +391,9 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
 
-            micro = [collate(next(batches), pad_id) for _ in range(cfg.grad_accum)]
-            loss_sum, n_tokens = accumulate_gradients(model, micro, device, autocast, scaler)
+            run.seed_step(cfg.seed, step)
+            micro = [collate(b, pad_id) for b in run.step_batches(batches, cfg.grad_accum)]
+            loss_sum, n_tokens = accumulate_gradients(engine, micro, device, autocast, scaler, run)
             if not math.isfinite(loss_sum):
                 bar.close()
                 last = latest_checkpoint(output_dir)
@@ -395,7 +416,7 @@ def train(
             losses.append(loss_value)
 
             dt = time.perf_counter() - t0
-            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            tokens = run.sum_int(sum(int(b["attention_mask"].sum()) for b in micro))
             record = {
                 "step": step,
                 "loss": loss_value,
@@ -406,7 +427,7 @@ def train(
                 "step_seconds": dt,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
             }
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if run.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 _append_metrics(metrics_path, record)
             done = step - start_step
             if cfg.time_budget_s and done >= BUDGET_PROBE_STEPS and done % BUDGET_PROBE_STEPS == 0:
@@ -423,12 +444,13 @@ def train(
                 if eval_fn:
                     evaluation.update(eval_fn(model, tokenizer))
                     model.train()
-                _append_metrics(metrics_path, evaluation)
+                if run.is_main:
+                    _append_metrics(metrics_path, evaluation)
                 bar.write(
                     " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in evaluation.items())
                 )
 
-            if interrupt.raised:
+            if run.any(interrupt.raised):  # every rank stops after the same step
                 interrupted = True
                 bar.write(f"saved {checkpoint()}; resume with --resume")
                 break
@@ -441,7 +463,9 @@ def train(
     adapter_dir = None
     if not interrupted:
         checkpoint()
-        adapter_dir = save_final_adapter(model, output_dir)
+        with full_state(run, model):
+            adapter_dir = save_final_adapter(model, output_dir) if run.is_main else output_dir / ADAPTER_DIR
+        run.barrier()
     return TrainResult(
         step=step,
         loss=loss_value,
