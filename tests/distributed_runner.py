@@ -61,6 +61,7 @@ def run_probed(cfg: TrainConfig, folder: Path, resume: bool) -> None:
     rank = int(os.environ.get("RANK", "0"))
     report = {
         "frozen_bytes": local_frozen_bytes(model),
+        "quantized_bytes": local_frozen_bytes(model, quantized_only=True),
         "forward_rows_full": all(r == n for r, n in rows) and bool(rows),
         "gathered_freed": all(t.untyped_storage().nbytes() == 0 for t in gathered),
         "sharded_layers": sum(isinstance(m, ShardableQuantLinear) for m in model.modules()),

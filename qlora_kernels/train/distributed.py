@@ -36,8 +36,6 @@ import torch.distributed as dist
 from .config import DISTRIBUTED, ConfigError, TrainConfig
 
 MODES = DISTRIBUTED
-#: Methods whose trainable tensors FSDP2 shards and trains here (tested); others train under ddp.
-FSDP_METHODS = ("qlora", "lora", "adapter")
 
 
 @dataclass(frozen=True)
@@ -89,14 +87,11 @@ def plan_distributed(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> 
     rank, local_rank = _env_int(env, "RANK", 0), _env_int(env, "LOCAL_RANK", 0)
     if not 0 <= rank < world:
         raise ConfigError(f"RANK={rank} is outside [0, WORLD_SIZE={world})")
-    if mode == "fsdp":
-        if cfg.method not in FSDP_METHODS:
-            raise ConfigError(
-                f"distributed: fsdp supports method {' / '.join(FSDP_METHODS)}, got method {cfg.method!r}; "
-                "use distributed: ddp for it"
-            )
-        if cfg.dtype == "fp16":
-            raise ConfigError("distributed: fsdp trains in bf16 or fp32 (fp16 needs a grad scaler): set dtype to bf16")
+    if mode == "fsdp" and cfg.dtype == "fp16":
+        raise ConfigError(
+            "distributed: fsdp trains in bf16 or fp32 (fp16 needs a grad scaler, untested with sharded "
+            "gradients): set dtype to bf16, or use distributed: ddp"
+        )
     if cfg.time_budget_s > 0:
         raise ConfigError(
             "time_budget_s is not supported with distributed training (ranks would stop at different "
@@ -180,18 +175,35 @@ class Distributed:
 def start_distributed(plan: DistributedPlan) -> Distributed:
     """Join the process group of the plan (created once per process; gloo on the CPU, NCCL on CUDA)."""
     run = Distributed(plan)
-    if plan.mode == "none" or dist.is_initialized():
-        if dist.is_initialized() and dist.get_world_size() != plan.world_size:
+    if plan.mode == "none":
+        return run
+    if dist.is_initialized():  # the caller (e.g. accelerate's Accelerator) made the group: join it
+        if dist.get_world_size() != plan.world_size:
             raise ConfigError(
                 f"a process group of {dist.get_world_size()} ranks exists, but WORLD_SIZE is {plan.world_size}"
             )
+        _share_cpu_compute_dtype(run)
         return run
     device = run.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=plan.rank, world_size=plan.world_size)
     atexit.register(_destroy_process_group)
+    _share_cpu_compute_dtype(run)
     return run
+
+
+def _share_cpu_compute_dtype(run: Distributed) -> None:
+    """On the CPU every rank computes in rank 0's choice: "auto" measures the bf16 GEMM speed, and
+    on a busy host two ranks could measure differently and pick different dtypes."""
+    if run.device.type != "cpu":
+        return
+    from ..ops.compute_policy import cpu_compute_dtype, set_cpu_compute_dtype
+
+    choice = [cpu_compute_dtype().name if run.is_main else None]
+    dist.broadcast_object_list(choice, src=0)
+    if not run.is_main and cpu_compute_dtype().name != choice[0]:
+        set_cpu_compute_dtype(choice[0])
 
 
 def _destroy_process_group() -> None:

@@ -172,15 +172,22 @@ def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                     )
 
 
-def local_frozen_bytes(model: nn.Module) -> int:
-    """Bytes of the frozen parameters and buffers this process holds (its shards under FSDP2),
-    each storage counted once: the resident size of the base model on this rank."""
+def local_frozen_bytes(model: nn.Module, quantized_only: bool = False) -> int:
+    """Bytes of the frozen parameters and buffers this process holds (its shards under FSDP2), each
+    storage counted once: the resident size of the base on this rank. `quantized_only`: only the
+    packed weights of `QuantLinear` layers (buffers or `PackedWeight` Parameters)."""
+    from ..nn import QuantLinear
     from ..nn.packed_weight import PackedWeight
 
+    if quantized_only:
+        layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        tensors = [t for m in layers for n, t in m.named_parameters(recurse=False) if n != "bias"]
+        tensors += [t for m in layers for t in m.buffers(recurse=False)]
+    else:
+        tensors = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
     seen: set[int] = set()
     total = 0
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    for tensor in [*frozen, *model.buffers()]:
+    for tensor in tensors:
         if _is_sharded(tensor):
             tensor = tensor.to_local()
         parts = tensor.fields.values() if isinstance(tensor, PackedWeight) else (tensor,)
