@@ -42,6 +42,9 @@ def run_probed(cfg: TrainConfig, folder: Path, resume: bool) -> None:
     gathered: list[torch.Tensor] = []
 
     def record(module, args):
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is not None:
+            compute_dtypes.add(str(lora_a.weight.dtype))  # as FSDP gathered it for this forward
         layer = getattr(module, "base", module)  # LoRALinear calls the fused op on its base's weight
         if isinstance(layer, ShardableQuantLinear) and id(layer) not in seen:
             seen.add(id(layer))
@@ -50,6 +53,7 @@ def run_probed(cfg: TrainConfig, folder: Path, resume: bool) -> None:
             rows.append((layer.packed_weight.rows, layer.out_features))
 
     seen: set[int] = set()
+    compute_dtypes: set[str] = set()
     rows: list[tuple[int, int]] = []
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=cfg.torch_model_dtype)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
@@ -65,6 +69,8 @@ def run_probed(cfg: TrainConfig, folder: Path, resume: bool) -> None:
         "forward_rows_full": all(r == n for r, n in rows) and bool(rows),
         "gathered_freed": all(t.untyped_storage().nbytes() == 0 for t in gathered),
         "sharded_layers": sum(isinstance(m, ShardableQuantLinear) for m in model.modules()),
+        "lora_compute_dtypes": sorted(compute_dtypes),
+        "trainable_dtypes": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}),
     }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"probe-{rank}.json").write_text(json.dumps(report), encoding="utf-8")

@@ -81,8 +81,11 @@ class ShardableQuantLinear(QuantLinear):
         """QuantLinear's entries (``bias``, ``weight_<field>``, ``weight_meta``): either form loads the other's."""
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-        for name, tensor in self.qweight.state_dict(prefix + _BUFFER_PREFIX).items():
-            destination[name] = tensor if keep_vars else tensor.detach()
+        state = self.qweight.state_dict(prefix + _BUFFER_PREFIX)
+        for name in (*TENSOR_FIELDS, "meta"):  # QuantLinear's buffer order
+            tensor = state.get(prefix + _BUFFER_PREFIX + name)
+            if tensor is not None:
+                destination[prefix + _BUFFER_PREFIX + name] = tensor if keep_vars else tensor.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
         known = {prefix + _BUFFER_PREFIX + f for f in (*TENSOR_FIELDS, "meta")} | {prefix + "bias"}
