@@ -312,3 +312,16 @@ def test_fsdp_qlora_on_smollm2_equals_one_process_and_halves_the_packed_base(smo
         ratio = probe["quantized_bytes"] / local_frozen_bytes(single, quantized_only=True)
         print(f"SmolLM2 rank {rank}: packed base {ratio:.3f}x of one process")
         assert 0.49 <= ratio <= 0.51, ratio
+
+
+def test_a_resume_that_changes_the_global_batch_says_so(capsys):
+    saved = {"batch_size": 2, "grad_accum": 1}
+    two_ranks = {"world_size": 2}
+    Distributed(DistributedPlan("none")).note_global_batch_change(
+        saved, two_ranks, TrainConfig(batch_size=2, grad_accum=2)
+    )
+    assert capsys.readouterr().err == ""  # 2 ranks x 1 = 1 rank x 2
+    Distributed(DistributedPlan("ddp", 4, 0)).note_global_batch_change(saved, two_ranks, TrainConfig(batch_size=2))
+    assert "written with 4 examples per step" in capsys.readouterr().err
+    Distributed(DistributedPlan("ddp", 4, 1)).note_global_batch_change(saved, two_ranks, TrainConfig(batch_size=2))
+    assert capsys.readouterr().err == ""  # rank 0 speaks for all

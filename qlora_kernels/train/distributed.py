@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -166,6 +167,21 @@ class Distributed:
         """What each rank divides its summed loss by: the global step's completion tokens over the
         world size, because DDP and FSDP average the ranks' gradients (one process: the token count)."""
         return max(global_tokens, 1) / self.world_size
+
+    def note_global_batch_change(self, saved_config: dict, saved_extra: dict, cfg: TrainConfig) -> None:
+        """Say so (rank 0) when a resumed run takes another number of examples per step than the
+        run that wrote the checkpoint: it continues from the same data position, but its loss curve
+        is no longer the one the first run would have drawn."""
+        saved_world = int(saved_extra.get("world_size", 1))
+        before = saved_world * int(saved_config.get("batch_size", 0)) * int(saved_config.get("grad_accum", 0))
+        now = self.world_size * cfg.batch_size * cfg.grad_accum
+        if self.is_main and before and before != now:
+            print(
+                f"note: the checkpoint was written with {before} examples per step "
+                f"({saved_world} rank(s) x batch_size x grad_accum), this run takes {now}; "
+                "for the same run, keep world_size x grad_accum the same",
+                file=sys.stderr,
+            )
 
     def barrier(self) -> None:
         if self.mode != "none":

@@ -358,12 +358,13 @@ def train(
             if run.is_main:
                 _truncate_metrics(metrics_path, step)
             print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
+            run.note_global_batch_change(state.config, state.extra, cfg)
     elif run.is_main:
         metrics_path.unlink(missing_ok=True)
     run.barrier()  # rank 0 has cleaned up the metrics before anyone writes
 
     def checkpoint() -> Path:
-        state = TrainState(step, batches.state_dict(), cfg.to_dict(), {})
+        state = TrainState(step, batches.state_dict(), cfg.to_dict(), {"world_size": run.world_size})
         with full_state(run, model, optimizer):  # whole tensors, as one process holds them
             if run.is_main:
                 save_checkpoint(output_dir, model, optimizer, state, scaler, keep=cfg.keep_checkpoints)
