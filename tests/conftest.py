@@ -37,6 +37,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _reset_cpu_compute_dtype():
+    """A run with dtype bf16/fp32 fixes the process's CPU compute dtype; each test starts from the pinned one."""
+    yield
+    from qlora_kernels.ops.compute_policy import set_cpu_compute_dtype
+
+    set_cpu_compute_dtype(None)
+
+
 @pytest.fixture
 def device() -> torch.device:
     """CUDA when present, else the CPU (Triton kernels then run in the interpreter)."""

@@ -24,6 +24,7 @@ METHODS = ("qlora", "lora", "adapter", "prompt", "partial", "full")
 QUANTS = ("nf4", "int4", "int8", "none")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 PATH_KEYS = ("model", "train_file", "eval_file", "output_dir")
+DISTRIBUTED = ("none", "ddp", "fsdp", "auto")  # checked against the launch by train.distributed
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     threads: int = 0
+    distributed: str = "none"  # under torchrun: ddp | fsdp | auto (ddp when WORLD_SIZE > 1)
 
     def __post_init__(self) -> None:
         hints = _type_hints()
@@ -152,6 +154,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": DTYPES,
     "model_dtype": DTYPES,
     "policy": tuple(PARTIAL_POLICIES),
+    "distributed": DISTRIBUTED,
 }
 
 
@@ -329,6 +332,9 @@ FIELD_DOCS: dict[str, str] = {
     "keep_checkpoints": "Number of newest checkpoints kept in output_dir (>= 1).",
     "progress": "Show a progress bar.",
     "threads": "torch CPU threads (0: torch's default).",
+    "distributed": "Multi-process training under torchrun / accelerate launch: ddp (the base replicated, adapter "
+    "gradients all-reduced), fsdp (the quantized base sharded across ranks), auto (ddp when WORLD_SIZE > 1), "
+    "none (one process).",
 }
 
 

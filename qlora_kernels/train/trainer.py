@@ -47,6 +47,8 @@ from .data import (
     count_label_tokens,
     tokenize_records,
 )
+from .distributed import Distributed, DistributedPlan, plan_distributed, start_distributed
+from .parallel import full_state, wrap_model
 from .plan import RunPlan, plan_run, print_notes
 from .precision import apply_cpu_precision
 from .schedule import lr_at
@@ -169,21 +171,26 @@ def accumulate_gradients(
     device: torch.device,
     autocast: Callable[[], Any] = contextlib.nullcontext,
     scaler: torch.amp.GradScaler | None = None,
+    run: Distributed | None = None,
 ) -> tuple[float, int]:
     """Backward over all micro-batches of one step; returns (mean loss per completion token, token count).
 
     Each micro-batch's summed loss is divided by the completion tokens of the whole step, so the
     accumulated gradient equals that of one batch holding every example, whatever the split.
+    Under DDP/FSDP (`run`) the step spans all ranks' micro-batches: tokens and loss are summed
+    over ranks too, so the result equals one process with the same global batch.
     """
-    n_tokens = sum(count_label_tokens(b) for b in micro_batches)
+    run = run or Distributed(DistributedPlan("none"))
+    n_tokens = run.sum_int(sum(count_label_tokens(b) for b in micro_batches))
+    divisor = run.loss_divisor(n_tokens)
     loss_sum = 0.0
     for batch in micro_batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            loss = completion_loss_sum(model, batch) / max(n_tokens, 1)
+            loss = completion_loss_sum(model, batch) / divisor
         (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += loss.item()
-    return loss_sum, n_tokens
+    return run.mean(loss_sum), n_tokens
 
 
 @torch.no_grad()
@@ -356,24 +363,35 @@ def train(
     """
     if model is not None and tokenizer is None:
         raise ValueError("train(model=...) also needs tokenizer=...")
+    distributed = plan_distributed(cfg)  # `distributed` against the launch (torchrun's variables) first
     plan = plan_run(cfg, resume=resume, change_schedule=change_schedule, model=model, has_eval_fn=eval_fn is not None)
     print_notes(plan)
-    return _Run(plan, model, tokenizer, eval_fn).run()
+    return _Run(plan, distributed, model, tokenizer, eval_fn).run()
 
 
 class _Run:
     """One training run, applying a checked `RunPlan`: set-up in __init__, then `run()` steps to the end."""
 
-    def __init__(self, plan: RunPlan, model: nn.Module | None, tokenizer: Any, eval_fn: Callable | None) -> None:
+    def __init__(
+        self,
+        plan: RunPlan,
+        distributed: DistributedPlan,
+        model: nn.Module | None,
+        tokenizer: Any,
+        eval_fn: Callable | None,
+    ) -> None:
         cfg = self.cfg = plan.cfg
-        self.plan, self.eval_fn, self.device = plan, eval_fn, plan.device
+        self.run_group = start_distributed(distributed)  # one process: a no-op group of size 1
+        self.plan, self.eval_fn, self.device = plan, eval_fn, self.run_group.device
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.precision = cfg.precision(self.device)
         apply_cpu_precision(self.precision, self.device, cfg.dtype)
         print(f"precision: {self.precision.describe()}", file=sys.stderr)
-        prepare_output_dir(plan)
+        if self.run_group.is_main:
+            prepare_output_dir(plan)
+        self.run_group.barrier()
         self.metrics_path = plan.output_dir / METRICS_FILE
         if model is None:
             from .. import load_model
@@ -381,6 +399,8 @@ class _Run:
             model, tokenizer = load_model(cfg.model, dtype=self.precision.torch_model_dtype)
         prepare(model, cfg, tokenizer, self.precision.torch_model_dtype)
         model.to(self.device)
+        # the module to call: the DDP wrapper, the FSDP-sharded model, or the model itself
+        self.engine = wrap_model(model, self.run_group, self.precision.dtype)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.model, self.tokenizer, self.pad_id = model, tokenizer, tokenizer.pad_token_id
@@ -400,10 +420,14 @@ class _Run:
         self.autocast, self.scaler = autocast_context(self.device, self.precision.dtype)
         self.step, self.max_steps = plan.start_step, plan.max_steps
         if plan.resume_from is not None:
-            state = load_checkpoint(plan.resume_from, model, self.optimizer, self.scaler)
+            with full_state(self.run_group, model, self.optimizer, load=True):
+                state = load_checkpoint(plan.resume_from, model, self.optimizer, self.scaler)
             self.batches.load_state_dict(state.data)
-            _truncate_metrics(self.metrics_path, self.step)
+            if self.run_group.is_main:
+                _truncate_metrics(self.metrics_path, self.step)
             print(f"resumed from {plan.resume_from} at step {self.step}", file=sys.stderr)
+            self.run_group.note_global_batch_change(state.config, state.extra, cfg)
+        self.run_group.barrier()  # rank 0 has cleaned up the metrics before anyone writes
         self.losses: list[float] = []
         self.loss_value = float("nan")
 
@@ -411,7 +435,8 @@ class _Run:
         cfg = self.cfg
         self.model.train()
         start_step = self.step
-        bar = tqdm(total=self.max_steps, initial=self.step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
+        disable = not (cfg.progress and self.run_group.is_main)
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=disable, desc="train", dynamic_ncols=True)
         t_start = time.perf_counter()
         with _StopRequest() as stop:
             while self.step < self.max_steps:
@@ -422,14 +447,19 @@ class _Run:
                 bar.set_postfix(loss=f"{self.loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
                 bar.update(1)
                 self.maybe_evaluate(bar)
-                if stop.signal_number:
+                if self.run_group.any(bool(stop.signal_number)):  # every rank stops after the same step
                     break
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.max_steps:
                     self.checkpoint()
         bar.close()
         train_seconds = time.perf_counter() - t_start
         checkpoint_dir = self.checkpoint()
-        adapter_dir = save_final_adapter(self.model, self.plan.output_dir, self.step)
+        with full_state(self.run_group, self.model):
+            if self.run_group.is_main:
+                adapter_dir = save_final_adapter(self.model, self.plan.output_dir, self.step)
+            else:
+                adapter_dir = self.plan.output_dir / ADAPTER_DIR
+        self.run_group.barrier()
         return TrainResult(
             step=self.step,
             loss=self.loss_value,
@@ -458,8 +488,10 @@ class _Run:
         )
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        micro = [collate(next(self.batches), self.pad_id) for _ in range(cfg.grad_accum)]
-        loss_sum, n_tokens = accumulate_gradients(self.model, micro, self.device, self.autocast, self.scaler)
+        group = self.run_group
+        group.seed_step(cfg.seed, self.step)
+        micro = [collate(b, self.pad_id) for b in group.step_batches(self.batches, cfg.grad_accum)]
+        loss_sum, n_tokens = accumulate_gradients(self.engine, micro, self.device, self.autocast, self.scaler, group)
         if not math.isfinite(loss_sum):
             bar.close()
             last = latest_checkpoint(self.plan.output_dir)
@@ -482,8 +514,8 @@ class _Run:
         self.loss_value = loss_sum
         self.losses.append(loss_sum)
         dt = time.perf_counter() - t0
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-        if self.step % cfg.log_every == 0 or self.step == self.max_steps:
+        tokens = group.sum_int(sum(int(b["attention_mask"].sum()) for b in micro))
+        if group.is_main and (self.step % cfg.log_every == 0 or self.step == self.max_steps):
             record = {
                 "step": self.step,
                 "loss": loss_sum,
@@ -527,11 +559,18 @@ class _Run:
         if self.eval_fn:
             evaluation.update(self.eval_fn(self.model, self.tokenizer))
             self.model.train()
-        _append_metrics(self.metrics_path, evaluation)
+        if self.run_group.is_main:
+            _append_metrics(self.metrics_path, evaluation)
         bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in evaluation.items()))
 
     def checkpoint(self) -> Path:
-        state = TrainState(self.step, self.batches.state_dict(), self.cfg.to_dict(), {"max_steps": self.max_steps})
-        return save_checkpoint(
-            self.plan.output_dir, self.model, self.optimizer, state, self.scaler, keep=self.cfg.keep_checkpoints
-        )
+        """Rank 0 writes the whole trainable state (gathered from the ranks), as one process would."""
+        extra = {"max_steps": self.max_steps, "world_size": self.run_group.world_size}
+        state = TrainState(self.step, self.batches.state_dict(), self.cfg.to_dict(), extra)
+        with full_state(self.run_group, self.model, self.optimizer):
+            if self.run_group.is_main:
+                save_checkpoint(
+                    self.plan.output_dir, self.model, self.optimizer, state, self.scaler, keep=self.cfg.keep_checkpoints
+                )
+        self.run_group.barrier()
+        return latest_checkpoint(self.plan.output_dir)
