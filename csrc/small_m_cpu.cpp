@@ -48,6 +48,8 @@
 #define QK_X86 1
 #define QK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 #define QK_AVX2 __attribute__((target("avx2,fma")))
+// Helpers of the micro-kernels must inline, or their accumulators go through memory.
+#define QK_INLINE inline __attribute__((always_inline))
 #else
 #define QK_X86 0
 #endif
@@ -141,28 +143,30 @@ struct Problem {
   int64_t r = 0;
   const float* xa_scaled = nullptr;  // (M, r): scaling * x A^T
   const float* lora_b = nullptr;     // (N, r)
+  // epilogue
+  const float* bias = nullptr;  // (N,) fp32, or none
+  float* out = nullptr;         // (M, N) fp32
 
   int64_t groups() const { return k / group; }
   bool four_bit() const { return layout != Layout::kInt8; }
 };
 
-// The fp32 scale (and int4 affine's min) of each group of one row, with the reference's operations.
-void group_params(const Problem& p, int64_t row, float* scale, float* offset) {
-  const int64_t groups = p.groups();
-  const int64_t first = row * groups;
+// The fp32 scale (and int4 affine's min) of `count` consecutive groups from group index `first`
+// (row r's groups are r * K/G ... (r + 1) * K/G - 1), with the reference's operations.
+void group_params(const Problem& p, int64_t first, int64_t count, float* scale, float* offset) {
   switch (p.layout) {
     case Layout::kInt4Affine:
-      for (int64_t g = 0; g < groups; ++g) offset[g] = static_cast<float>(p.half_mins[first + g]);
+      for (int64_t g = 0; g < count; ++g) offset[g] = static_cast<float>(p.half_mins[first + g]);
       [[fallthrough]];
     case Layout::kInt4Symmetric:
-      for (int64_t g = 0; g < groups; ++g) scale[g] = static_cast<float>(p.half_scales[first + g]);
+      for (int64_t g = 0; g < count; ++g) scale[g] = static_cast<float>(p.half_scales[first + g]);
       break;
     case Layout::kNf4:
-      std::memcpy(scale, p.absmax + first, groups * sizeof(float));
+      std::memcpy(scale, p.absmax + first, count * sizeof(float));
       break;
     case Layout::kNf4DoubleQuant:
       // Reference: absmax = dynamic[code] * absmax_scales[block // 256] + absmax_offset.
-      for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t g = 0; g < count; ++g) {
         const int64_t b = first + g;
         const float scaled = p.nested_code[p.absmax_codes[b]] * p.absmax_scales[b / kNestedBlock];
         scale[g] = scaled + p.absmax_offset;
@@ -171,12 +175,6 @@ void group_params(const Problem& p, int64_t row, float* scale, float* offset) {
     case Layout::kInt8: break;
   }
 }
-
-// Per-thread buffers of the row kernels.
-struct Scratch {
-  explicit Scratch(int64_t groups) : scale(groups), offset(groups), tables(groups * 16) {}
-  Floats scale, offset, tables;
-};
 
 // Split the sum of M rows into passes of at most `most` rows, as even as possible.
 inline int pass_rows(int64_t m, int64_t m0, int most) {
@@ -187,40 +185,41 @@ inline int pass_rows(int64_t m, int64_t m0, int most) {
 
 // ------------------------------------------------------------------------------ scalar
 // The portable path: plain loops, one accumulator, the same decoded values.
-void row_scalar(const Problem& p, int64_t row, Scratch& scratch, float* res) {
+void rows_scalar(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t k = p.k;
-  float* tables = scratch.tables.data();
-  if (p.four_bit()) {
-    float* scale = scratch.scale.data();
-    float* offset = scratch.offset.data();
-    group_params(p, row, scale, offset);
-    const int64_t groups = p.groups();
-    for (int64_t g = 0; g < groups; ++g)
-      for (int i = 0; i < 16; ++i) {
-        const float v = p.base[i] * scale[g];
-        tables[g * 16 + i] = p.has_offset ? v + offset[g] : v;
-      }
-  }
-  for (int64_t i = 0; i < p.m; ++i) {
-    const float* x = p.x + i * k;
-    float acc = 0.0f;
+  const int64_t groups = p.four_bit() ? p.groups() : 0;
+  Floats scale(groups), offset(groups), tables(groups * 16);
+  for (int64_t row = r0; row < r1; ++row) {
     if (p.four_bit()) {
-      const uint8_t* q = p.q4 + row * (k / 2);
-      const int64_t group = p.group;
-      for (int64_t j0 = 0; j0 < k; j0 += group) {
-        const float* t = tables + (j0 / group) * 16;
-        for (int64_t j = j0; j < j0 + group; j += 2) {
-          acc += t[q[j / 2] >> 4] * x[j];
-          acc += t[q[j / 2] & 0x0F] * x[j + 1];
+      group_params(p, row * groups, groups, scale.data(), offset.data());
+      for (int64_t g = 0; g < groups; ++g)
+        for (int i = 0; i < 16; ++i) {
+          const float v = p.base[i] * scale[g];
+          tables[g * 16 + i] = p.has_offset ? v + offset[g] : v;
         }
-      }
-    } else {
-      const int8_t* q = p.q8 + row * k;
-      for (int64_t j = 0; j < k; ++j) acc += static_cast<float>(q[j]) * x[j];
-      acc *= p.row_scales[row];
     }
-    for (int64_t j = 0; j < p.r; ++j) acc += p.xa_scaled[i * p.r + j] * p.lora_b[row * p.r + j];
-    res[i] = acc;
+    for (int64_t i = 0; i < p.m; ++i) {
+      const float* x = p.x + i * k;
+      float acc = 0.0f;
+      if (p.four_bit()) {
+        const uint8_t* q = p.q4 + row * (k / 2);
+        const int64_t group = p.group;
+        for (int64_t j0 = 0; j0 < k; j0 += group) {
+          const float* t = tables.data() + (j0 / group) * 16;
+          for (int64_t j = j0; j < j0 + group; j += 2) {
+            acc += t[q[j / 2] >> 4] * x[j];
+            acc += t[q[j / 2] & 0x0F] * x[j + 1];
+          }
+        }
+      } else {
+        const int8_t* q = p.q8 + row * k;
+        for (int64_t j = 0; j < k; ++j) acc += static_cast<float>(q[j]) * x[j];
+        acc *= p.row_scales[row];
+      }
+      for (int64_t j = 0; j < p.r; ++j) acc += p.xa_scaled[i * p.r + j] * p.lora_b[row * p.r + j];
+      if (p.bias) acc += p.bias[row];
+      p.out[i * p.n + row] = acc;
+    }
   }
 }
 
@@ -233,15 +232,19 @@ float dot_scalar(const float* a, const float* b, int64_t k) {
 #if QK_X86
 // ----------------------------------------------------------------------------- AVX-512
 // 16 lanes; x is reordered per 32 columns as [16 even columns | 16 odd columns], matching the
-// high / low nibbles of 16 consecutive packed bytes.
+// high / low nibbles of 16 consecutive packed bytes. The micro-kernels compute a tile of R
+// consecutive weight rows times MT rows of x, so each x vector loaded serves R rows and each
+// decoded weight vector MT rows; U chunks are in flight, R * MT * U <= 8 (two accumulators each).
 constexpr int kMaxRowsAvx512 = 8;
 
-// Unroll so that each pass keeps up to 16 independent accumulators in flight.
-constexpr int unroll_avx512(int mt) { return mt == 1 ? 8 : mt == 2 ? 4 : mt <= 4 ? 2 : 1; }
+// Weight rows per tile for MT rows of x (at most 16 accumulators).
+constexpr int tile_rows_avx512(int mt) { return mt <= 2 ? 4 : mt <= 4 ? 2 : 1; }
+// Chunks in flight: enough independent accumulators (>= 8) to hide the FMA latency.
+constexpr int unroll_avx512(int r, int mt) { return r * mt >= 4 ? 1 : r * mt == 2 ? 2 : 4; }
 
 // Pairwise sum of COUNT vectors in a fixed order (unrolled at compile time, so they stay in registers).
 template <int COUNT>
-QK_AVX512 inline __m512 tree_sum(const __m512* v) {
+QK_AVX512 QK_INLINE __m512 tree_sum(const __m512* v) {
   if constexpr (COUNT == 1) {
     return v[0];
   } else {
@@ -249,90 +252,122 @@ QK_AVX512 inline __m512 tree_sum(const __m512* v) {
   }
 }
 
-// The 16 values of a group: base * scale (+ min), the reference's fp32 operations.
-QK_AVX512 inline __m512 group_table(__m512 base, const float* scale, const float* offset, int64_t g) {
+// The 16 values of group g: base * scale (+ min), the reference's fp32 operations.
+QK_AVX512 QK_INLINE __m512 group_table(__m512 base, const float* scale, const float* offset, int64_t g) {
   const __m512 t = _mm512_mul_ps(base, _mm512_set1_ps(scale[g]));
   return offset ? _mm512_add_ps(t, _mm512_set1_ps(offset[g])) : t;
 }
 
-// One 32-weight chunk (16 packed bytes) times MT rows of x, into two accumulators per row.
-template <int MT>
-QK_AVX512 inline void chunk4_avx512(const uint8_t* q, __m512 table, const float* xp, int64_t ldx, __m512 (*acc)[2]) {
-  const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-  // vpermps reads the low 4 bits of each index: the high nibble needs a shift, the low none.
-  const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table);
-  const __m512 odd = _mm512_permutexvar_ps(codes, table);
+// One 32-column chunk of R weight rows (16 packed bytes each, `stride` bytes apart) times MT
+// rows of x, into acc[r][i][0 / 1] (even / odd columns).
+template <int R, int MT>
+QK_AVX512 QK_INLINE void chunk4_avx512(const uint8_t* q, int64_t stride, const __m512* table, const float* xp,
+                                    int64_t ldx, __m512 (*acc)[MT][2]) {
+  __m512 xe[MT], xo[MT];
 #pragma GCC unroll 8
   for (int i = 0; i < MT; ++i) {
-    acc[i][0] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xp + i * ldx), acc[i][0]);
-    acc[i][1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xp + i * ldx + 16), acc[i][1]);
+    xe[i] = _mm512_loadu_ps(xp + i * ldx);
+    xo[i] = _mm512_loadu_ps(xp + i * ldx + 16);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * stride)));
+    // vpermps reads the low 4 bits of each index: the high nibble needs a shift, the low none.
+    const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table[r]);
+    const __m512 odd = _mm512_permutexvar_ps(codes, table[r]);
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i) {
+      acc[r][i][0] = _mm512_fmadd_ps(even, xe[i], acc[r][i][0]);
+      acc[r][i][1] = _mm512_fmadd_ps(odd, xo[i], acc[r][i][1]);
+    }
   }
 }
 
-// sums[i] = x_i . W_row for MT rows of x; CPG chunks per group (group_size / 32). Steps of
-// BLOCK chunks keep U chunks' accumulators in flight and build each group's table once.
-template <int MT, int CPG>
-QK_AVX512 inline void dot4_avx512(const uint8_t* q, __m512 base, const float* scale, const float* offset,
-                                  const float* xp, int64_t ldx, int64_t chunks, __m512* sums) {
-  constexpr int U = unroll_avx512(MT);
+// sums[r][i] = x_i . W_r over the 4-bit weight rows of a tile; CPG chunks per group
+// (group_size / 32). Steps of BLOCK chunks keep U chunks in flight and build each group's
+// table once. scale / offset hold the tile's groups row after row (`groups` per row).
+template <int R, int MT, int CPG>
+QK_AVX512 void dot4_avx512(const uint8_t* q, int64_t stride, __m512 base, const float* scale, const float* offset,
+                           int64_t groups, const float* xp, int64_t ldx, int64_t chunks, __m512 (*sums)[MT]) {
+  constexpr int U = unroll_avx512(R, MT);
   constexpr int BLOCK = U > CPG ? U : CPG;
-  __m512 acc[U][MT][2];
+  __m512 acc[U][R][MT][2];
   for (int u = 0; u < U; ++u)
-    for (int i = 0; i < MT; ++i) acc[u][i][0] = acc[u][i][1] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MT; ++i) acc[u][r][i][0] = acc[u][r][i][1] = _mm512_setzero_ps();
+  __m512 table[R];
   int64_t c = 0;
   for (; c + BLOCK <= chunks; c += BLOCK) {
 #pragma GCC unroll 8
     for (int g = 0; g < BLOCK / CPG; ++g) {
-      const __m512 table = group_table(base, scale, offset, c / CPG + g);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+        table[r] = group_table(base, scale + r * groups, offset ? offset + r * groups : nullptr, c / CPG + g);
 #pragma GCC unroll 8
       for (int j = 0; j < CPG; ++j) {
-        const int u = (g * CPG + j) % U;
         const int64_t cc = c + g * CPG + j;
-        chunk4_avx512<MT>(q + cc * 16, table, xp + cc * kChunk, ldx, acc[u]);
+        chunk4_avx512<R, MT>(q + cc * 16, stride, table, xp + cc * kChunk, ldx, acc[(g * CPG + j) % U]);
       }
     }
   }
-  for (; c < chunks; ++c)
-    chunk4_avx512<MT>(q + c * 16, group_table(base, scale, offset, c / CPG), xp + c * kChunk, ldx, acc[0]);
-  for (int i = 0; i < MT; ++i) {
-    __m512 all[2 * U];
-    for (int u = 0; u < U; ++u) {
-      all[2 * u] = acc[u][i][0];
-      all[2 * u + 1] = acc[u][i][1];
-    }
-    sums[i] = tree_sum<2 * U>(all);
+  for (; c < chunks; ++c) {
+    for (int r = 0; r < R; ++r)
+      table[r] = group_table(base, scale + r * groups, offset ? offset + r * groups : nullptr, c / CPG);
+    chunk4_avx512<R, MT>(q + c * 16, stride, table, xp + c * kChunk, ldx, acc[0]);
   }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MT; ++i) {
+      __m512 all[2 * U];
+      for (int u = 0; u < U; ++u) {
+        all[2 * u] = acc[u][r][i][0];
+        all[2 * u + 1] = acc[u][r][i][1];
+      }
+      sums[r][i] = tree_sum<2 * U>(all);
+    }
 }
 
-template <int MT>
-QK_AVX512 inline void dot8_avx512(const int8_t* q, const float* x, int64_t ldx, int64_t k, __m512* sums) {
-  constexpr int U = 2 * unroll_avx512(MT);
-  __m512 acc[MT][U];
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < U; ++j) acc[i][j] = _mm512_setzero_ps();
+// sums[r][i] = x_i . q_r over int8 rows (the row scale is applied by the caller).
+template <int R, int MT>
+QK_AVX512 void dot8_avx512(const int8_t* q, int64_t stride, const float* x, int64_t ldx, int64_t k,
+                           __m512 (*sums)[MT]) {
+  constexpr int U = 2 * unroll_avx512(R, MT);
+  __m512 acc[U][R][MT];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MT; ++i) acc[u][r][i] = _mm512_setzero_ps();
   int64_t j = 0;
-  for (; j + 16 * U <= k; j += 16 * U) {
-#pragma GCC unroll 16
-    for (int u = 0; u < U; ++u) {
-      const __m512 w = _mm512_cvtepi32_ps(
-          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j + 16 * u))));
+  for (; j + 16 <= k; j += 16) {
+    const int u = static_cast<int>((j / 16) % U);
+    __m512 xv[MT];
 #pragma GCC unroll 8
-      for (int i = 0; i < MT; ++i)
-        acc[i][u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + i * ldx + j + 16 * u), acc[i][u]);
+    for (int i = 0; i < MT; ++i) xv[i] = _mm512_loadu_ps(x + i * ldx + j);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 w =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * stride + j))));
+#pragma GCC unroll 8
+      for (int i = 0; i < MT; ++i) acc[u][r][i] = _mm512_fmadd_ps(w, xv[i], acc[u][r][i]);
     }
   }
-  for (; j < k; j += 16) {
-    const __mmask16 mask = k - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - j)) - 1);
-    const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + j)));
-#pragma GCC unroll 8
-    for (int i = 0; i < MT; ++i)
-      acc[i][0] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, x + i * ldx + j), acc[i][0]);
+  if (j < k) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (k - j)) - 1);
+    const int u = static_cast<int>((j / 16) % U);
+    for (int r = 0; r < R; ++r) {
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + r * stride + j)));
+      for (int i = 0; i < MT; ++i)
+        acc[u][r][i] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, x + i * ldx + j), acc[u][r][i]);
+    }
   }
-  for (int i = 0; i < MT; ++i) sums[i] = tree_sum<U>(acc[i]);
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MT; ++i) {
+      __m512 all[U];
+      for (int u = 0; u < U; ++u) all[u] = acc[u][r][i];
+      sums[r][i] = tree_sum<U>(all);
+    }
 }
 
 // v + B[row] . xa_scaled[i] (the LoRA term), reduced to one float.
-QK_AVX512 inline float epilogue_avx512(const Problem& p, int64_t row, int64_t i, __m512 v) {
+QK_AVX512 QK_INLINE float lora_reduce_avx512(const Problem& p, int64_t row, int64_t i, __m512 v) {
   const float* b = p.lora_b + row * p.r;
   const float* xa = p.xa_scaled + i * p.r;
   for (int64_t j = 0; j < p.r; j += 16) {
@@ -344,7 +379,7 @@ QK_AVX512 inline float epilogue_avx512(const Problem& p, int64_t row, int64_t i,
 
 // table[codes] for a 256-entry table: eight 32-entry two-register permutes, then pick by bits 5-7
 // (cheaper than a gather here).
-QK_AVX512 inline __m512 lookup256_avx512(const float* table, __m512i codes) {
+QK_AVX512 QK_INLINE __m512 lookup256_avx512(const float* table, __m512i codes) {
   __m512 part[8];
   for (int j = 0; j < 8; ++j)
     part[j] = _mm512_permutex2var_ps(_mm512_loadu_ps(table + 32 * j), codes, _mm512_loadu_ps(table + 32 * j + 16));
@@ -356,86 +391,111 @@ QK_AVX512 inline __m512 lookup256_avx512(const float* table, __m512i codes) {
   return _mm512_mask_blend_ps(bit7, part[0], part[1]);
 }
 
-// Each group's fp32 scale (and int4 affine's min) for one row, 16 groups at a time.
-QK_AVX512 void group_params_avx512(const Problem& p, int64_t row, float* scale, float* offset) {
-  const int64_t groups = p.groups();
-  const int64_t first = row * groups;
-  for (int64_t g = 0; g < groups; g += 16) {
-    const __mmask16 mask = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
+// group_params for the 4-bit formats, 16 groups at a time.
+QK_AVX512 void group_params_avx512(const Problem& p, int64_t first, int64_t count, float* scale, float* offset) {
+  for (int64_t g = 0; g < count; g += 16) {
+    const __mmask16 mask = count - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (count - g)) - 1);
+    const int64_t b0 = first + g;
     if (p.layout == Layout::kNf4DoubleQuant) {
       // absmax = dynamic[code] * absmax_scales[block // 256] + absmax_offset
-      const __m512i codes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, p.absmax_codes + first + g));
-      const __m512 nested = lookup256_avx512(p.nested_code, codes);
+      const __m512 nested = lookup256_avx512(
+          p.nested_code, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, p.absmax_codes + b0)));
       // 16 consecutive blocks span at most two nested blocks: pick between their two scales.
-      const int64_t b0 = first + g;
       const int64_t in_block = b0 % kNestedBlock;
       const float* nested_scale = p.absmax_scales + b0 / kNestedBlock;
-      const int64_t count = std::min<int64_t>(16, groups - g);
       const __m512 s0 = _mm512_set1_ps(nested_scale[0]);
-      const __m512 s1 = in_block + count > kNestedBlock ? _mm512_set1_ps(nested_scale[1]) : s0;
+      const __m512 s1 = in_block + std::min<int64_t>(16, count - g) > kNestedBlock ? _mm512_set1_ps(nested_scale[1]) : s0;
       const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(in_block)),
                                              _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
       const __mmask16 second = _mm512_cmpge_epi32_mask(lanes, _mm512_set1_epi32(static_cast<int>(kNestedBlock)));
-      const __m512 block_scale = _mm512_mask_blend_ps(second, s0, s1);
-      const __m512 scaled = _mm512_mul_ps(nested, block_scale);
+      const __m512 scaled = _mm512_mul_ps(nested, _mm512_mask_blend_ps(second, s0, s1));
       _mm512_mask_storeu_ps(scale + g, mask, _mm512_add_ps(scaled, _mm512_set1_ps(p.absmax_offset)));
+    } else if (p.layout == Layout::kNf4) {
+      _mm512_mask_storeu_ps(scale + g, mask, _mm512_maskz_loadu_ps(mask, p.absmax + b0));
     } else {  // int4: fp16 scales (and mins) to fp32, exactly
-      const auto* s16 = reinterpret_cast<const uint16_t*>(p.half_scales + first + g);
+      const auto* s16 = reinterpret_cast<const uint16_t*>(p.half_scales + b0);
       _mm512_mask_storeu_ps(scale + g, mask, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, s16)));
       if (p.has_offset) {
-        const auto* m16 = reinterpret_cast<const uint16_t*>(p.half_mins + first + g);
+        const auto* m16 = reinterpret_cast<const uint16_t*>(p.half_mins + b0);
         _mm512_mask_storeu_ps(offset + g, mask, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m16)));
       }
     }
   }
 }
 
-template <int MT>
-QK_AVX512 void rows_avx512(const Problem& p, int64_t row, int64_t m0, const float* scale, const float* offset,
-                           float* res) {
-  __m512 sums[MT];
+// A tile of R weight rows from `row` times MT rows of x from m0, finished into p.out.
+template <int R, int MT>
+QK_AVX512 void tile_avx512(const Problem& p, int64_t row, int64_t m0, const float* scale, const float* offset) {
+  __m512 sums[R][MT];
   if (p.four_bit()) {
     const __m512 base = _mm512_load_ps(p.base);
-    const uint8_t* q = p.q4 + row * (p.k / 2);
+    const int64_t stride = p.k / 2, groups = p.groups(), chunks = p.k / kChunk;
+    const uint8_t* q = p.q4 + row * stride;
     const float* xp = p.xp + m0 * p.k;
-    const int64_t chunks = p.k / kChunk;
     switch (p.group / kChunk) {
-      case 1: dot4_avx512<MT, 1>(q, base, scale, offset, xp, p.k, chunks, sums); break;
-      case 2: dot4_avx512<MT, 2>(q, base, scale, offset, xp, p.k, chunks, sums); break;
-      case 4: dot4_avx512<MT, 4>(q, base, scale, offset, xp, p.k, chunks, sums); break;
-      default: dot4_avx512<MT, 8>(q, base, scale, offset, xp, p.k, chunks, sums); break;
+      case 1: dot4_avx512<R, MT, 1>(q, stride, base, scale, offset, groups, xp, p.k, chunks, sums); break;
+      case 2: dot4_avx512<R, MT, 2>(q, stride, base, scale, offset, groups, xp, p.k, chunks, sums); break;
+      case 4: dot4_avx512<R, MT, 4>(q, stride, base, scale, offset, groups, xp, p.k, chunks, sums); break;
+      default: dot4_avx512<R, MT, 8>(q, stride, base, scale, offset, groups, xp, p.k, chunks, sums); break;
     }
   } else {
-    dot8_avx512<MT>(p.q8 + row * p.k, p.x + m0 * p.k, p.k, p.k, sums);
-    const __m512 s = _mm512_set1_ps(p.row_scales[row]);
-    for (int i = 0; i < MT; ++i) sums[i] = _mm512_mul_ps(sums[i], s);
+    dot8_avx512<R, MT>(p.q8 + row * p.k, p.k, p.x + m0 * p.k, p.k, p.k, sums);
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_set1_ps(p.row_scales[row + r]);
+      for (int i = 0; i < MT; ++i) sums[r][i] = _mm512_mul_ps(sums[r][i], s);
+    }
   }
-  for (int i = 0; i < MT; ++i) res[m0 + i] = epilogue_avx512(p, row, m0 + i, sums[i]);
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MT; ++i) {
+      float v = lora_reduce_avx512(p, row + r, m0 + i, sums[r][i]);
+      if (p.bias) v += p.bias[row + r];
+      p.out[(m0 + i) * p.n + row + r] = v;
+    }
 }
 
-QK_AVX512 void row_avx512(const Problem& p, int64_t row, Scratch& scratch, float* res) {
-  const float* scale = nullptr;
-  const float* offset = nullptr;
-  if (p.layout == Layout::kNf4) {
-    scale = p.absmax + row * p.groups();
-  } else if (p.four_bit()) {
-    group_params_avx512(p, row, scratch.scale.data(), scratch.offset.data());
-    scale = scratch.scale.data();
-    offset = p.has_offset ? scratch.offset.data() : nullptr;
+// Rows `row` .. `row + rows - 1` (rows <= R) for MT rows of x: full tiles, then single rows.
+template <int MT>
+QK_AVX512 void pass_avx512(const Problem& p, int64_t row, int64_t rows, int64_t m0, const float* scale,
+                           const float* offset) {
+  constexpr int R = tile_rows_avx512(MT);
+  const int64_t groups = p.four_bit() ? p.groups() : 0;
+  if (rows == R) {
+    tile_avx512<R, MT>(p, row, m0, scale, offset);
+    return;
   }
-  for (int64_t m0 = 0; m0 < p.m;) {
-    const int mt = pass_rows(p.m, m0, kMaxRowsAvx512);
-    switch (mt) {
-      case 1: rows_avx512<1>(p, row, m0, scale, offset, res); break;
-      case 2: rows_avx512<2>(p, row, m0, scale, offset, res); break;
-      case 3: rows_avx512<3>(p, row, m0, scale, offset, res); break;
-      case 4: rows_avx512<4>(p, row, m0, scale, offset, res); break;
-      case 5: rows_avx512<5>(p, row, m0, scale, offset, res); break;
-      case 6: rows_avx512<6>(p, row, m0, scale, offset, res); break;
-      case 7: rows_avx512<7>(p, row, m0, scale, offset, res); break;
-      default: rows_avx512<8>(p, row, m0, scale, offset, res); break;
+  for (int64_t r = 0; r < rows; ++r)
+    tile_avx512<1, MT>(p, row + r, m0, scale + r * groups, offset ? offset + r * groups : nullptr);
+}
+
+constexpr int kTileRowsMax = 4;  // the largest tile_rows_avx512
+
+QK_AVX512 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t groups = p.four_bit() ? p.groups() : 0;
+  Floats scale(kTileRowsMax * groups), offset(kTileRowsMax * groups);
+  for (int64_t row = r0; row < r1; row += kTileRowsMax) {
+    const int64_t rows = std::min<int64_t>(kTileRowsMax, r1 - row);
+    if (p.four_bit()) group_params_avx512(p, row * groups, rows * groups, scale.data(), offset.data());
+    const float* off = p.has_offset ? offset.data() : nullptr;
+    for (int64_t m0 = 0; m0 < p.m;) {
+      const int mt = pass_rows(p.m, m0, kMaxRowsAvx512);
+      const int tile = mt <= 2 ? 4 : mt <= 4 ? 2 : 1;  // tile_rows_avx512(mt)
+      for (int64_t t = 0; t < rows; t += tile) {
+        const int64_t n = std::min<int64_t>(tile, rows - t);
+        const float* sc = scale.data() + t * groups;
+        const float* of = off ? off + t * groups : nullptr;
+        switch (mt) {
+          case 1: pass_avx512<1>(p, row + t, n, m0, sc, of); break;
+          case 2: pass_avx512<2>(p, row + t, n, m0, sc, of); break;
+          case 3: pass_avx512<3>(p, row + t, n, m0, sc, of); break;
+          case 4: pass_avx512<4>(p, row + t, n, m0, sc, of); break;
+          case 5: pass_avx512<5>(p, row + t, n, m0, sc, of); break;
+          case 6: pass_avx512<6>(p, row + t, n, m0, sc, of); break;
+          case 7: pass_avx512<7>(p, row + t, n, m0, sc, of); break;
+          default: pass_avx512<8>(p, row + t, n, m0, sc, of); break;
+        }
+      }
+      m0 += mt;
     }
-    m0 += mt;
   }
 }
 
@@ -457,12 +517,12 @@ QK_AVX512 float dot_avx512(const float* a, const float* b, int64_t k) {
 // halves: look a code up in both and pick by its bit 3.
 constexpr int kMaxRowsAvx2 = 4;
 
-QK_AVX2 inline __m256 lookup_avx2(__m256 lo, __m256 hi, __m256i codes) {
+QK_AVX2 QK_INLINE __m256 lookup_avx2(__m256 lo, __m256 hi, __m256i codes) {
   const __m256 pick_hi = _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28));  // bit 3 -> sign bit
   return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, codes), _mm256_permutevar8x32_ps(hi, codes), pick_hi);
 }
 
-QK_AVX2 inline float hsum_avx2(__m256 v) {
+QK_AVX2 QK_INLINE float hsum_avx2(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -470,7 +530,7 @@ QK_AVX2 inline float hsum_avx2(__m256 v) {
 }
 
 template <int MT>
-QK_AVX2 inline void dot4_avx2(const uint8_t* q, const float* tables, int shift, const float* xp, int64_t ldx,
+QK_AVX2 QK_INLINE void dot4_avx2(const uint8_t* q, const float* tables, int shift, const float* xp, int64_t ldx,
                               int64_t chunks, __m256* sums) {
   __m256 acc[MT][2];
   for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
@@ -496,7 +556,7 @@ QK_AVX2 inline void dot4_avx2(const uint8_t* q, const float* tables, int shift, 
 }
 
 template <int MT>
-QK_AVX2 inline void dot8_avx2(const int8_t* q, const float* x, int64_t ldx, int64_t k, __m256* sums) {
+QK_AVX2 QK_INLINE void dot8_avx2(const int8_t* q, const float* x, int64_t ldx, int64_t k, __m256* sums) {
   __m256 acc[MT][2];
   for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   int64_t j = 0;
@@ -523,12 +583,12 @@ QK_AVX2 inline void dot8_avx2(const int8_t* q, const float* x, int64_t ldx, int6
   for (int i = 0; i < MT; ++i) sums[i] = _mm256_add_ps(acc[i][0], acc[i][1]);
 }
 
-QK_AVX2 inline __m256i tail_mask_avx2(int64_t count) {
+QK_AVX2 QK_INLINE __m256i tail_mask_avx2(int64_t count) {
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(count, 8))), lanes);
 }
 
-QK_AVX2 inline float epilogue_avx2(const Problem& p, int64_t row, int64_t i, __m256 v) {
+QK_AVX2 QK_INLINE float lora_reduce_avx2(const Problem& p, int64_t row, int64_t i, __m256 v) {
   const float* b = p.lora_b + row * p.r;
   const float* xa = p.xa_scaled + i * p.r;
   for (int64_t j = 0; j < p.r; j += 8) {
@@ -539,7 +599,7 @@ QK_AVX2 inline float epilogue_avx2(const Problem& p, int64_t row, int64_t i, __m
 }
 
 template <int MT>
-QK_AVX2 void rows_avx2(const Problem& p, int64_t row, int64_t m0, const float* tables, int shift, float* res) {
+QK_AVX2 void pass_avx2(const Problem& p, int64_t row, int64_t m0, const float* tables, int shift) {
   __m256 sums[MT];
   if (p.four_bit()) {
     dot4_avx2<MT>(p.q4 + row * (p.k / 2), tables, shift, p.xp + m0 * p.k, p.k, p.k / kChunk, sums);
@@ -548,43 +608,47 @@ QK_AVX2 void rows_avx2(const Problem& p, int64_t row, int64_t m0, const float* t
     const __m256 s = _mm256_set1_ps(p.row_scales[row]);
     for (int i = 0; i < MT; ++i) sums[i] = _mm256_mul_ps(sums[i], s);
   }
-  for (int i = 0; i < MT; ++i) res[m0 + i] = epilogue_avx2(p, row, m0 + i, sums[i]);
+  for (int i = 0; i < MT; ++i) {
+    float v = lora_reduce_avx2(p, row, m0 + i, sums[i]);
+    if (p.bias) v += p.bias[row];
+    p.out[(m0 + i) * p.n + row] = v;
+  }
 }
 
-QK_AVX2 void row_avx2(const Problem& p, int64_t row, Scratch& scratch, float* res) {
+QK_AVX2 void rows_avx2(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t groups = p.four_bit() ? p.groups() : 0;
+  const bool has_offset = p.has_offset;
+  Floats scale(groups), offset(groups), tables(groups * 16);
   int shift = 0;
-  float* tables = scratch.tables.data();
-  if (p.four_bit()) {
-    float* scale = scratch.scale.data();
-    float* offset = scratch.offset.data();
-    group_params(p, row, scale, offset);
-    const __m256 base_lo = _mm256_load_ps(p.base);
-    const __m256 base_hi = _mm256_load_ps(p.base + 8);
-    const int64_t groups = p.groups();
-    const bool has_offset = p.has_offset;
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m256 s = _mm256_set1_ps(scale[g]);
-      __m256 lo = _mm256_mul_ps(base_lo, s);
-      __m256 hi = _mm256_mul_ps(base_hi, s);
-      if (has_offset) {
-        const __m256 m = _mm256_set1_ps(offset[g]);
-        lo = _mm256_add_ps(lo, m);
-        hi = _mm256_add_ps(hi, m);
+  while ((kChunk << shift) < p.group) ++shift;
+  const __m256 base_lo = _mm256_load_ps(p.base);
+  const __m256 base_hi = _mm256_load_ps(p.base + 8);
+  for (int64_t row = r0; row < r1; ++row) {
+    if (p.four_bit()) {
+      group_params(p, row * groups, groups, scale.data(), offset.data());
+      for (int64_t g = 0; g < groups; ++g) {  // base * scale (+ min), as the reference
+        const __m256 s = _mm256_set1_ps(scale[g]);
+        __m256 lo = _mm256_mul_ps(base_lo, s);
+        __m256 hi = _mm256_mul_ps(base_hi, s);
+        if (has_offset) {
+          const __m256 m = _mm256_set1_ps(offset[g]);
+          lo = _mm256_add_ps(lo, m);
+          hi = _mm256_add_ps(hi, m);
+        }
+        _mm256_store_ps(tables.data() + g * 16, lo);
+        _mm256_store_ps(tables.data() + g * 16 + 8, hi);
       }
-      _mm256_storeu_ps(tables + g * 16, lo);
-      _mm256_storeu_ps(tables + g * 16 + 8, hi);
     }
-    while ((kChunk << shift) < p.group) ++shift;
-  }
-  for (int64_t m0 = 0; m0 < p.m;) {
-    const int mt = pass_rows(p.m, m0, kMaxRowsAvx2);
-    switch (mt) {
-      case 1: rows_avx2<1>(p, row, m0, tables, shift, res); break;
-      case 2: rows_avx2<2>(p, row, m0, tables, shift, res); break;
-      case 3: rows_avx2<3>(p, row, m0, tables, shift, res); break;
-      default: rows_avx2<4>(p, row, m0, tables, shift, res); break;
+    for (int64_t m0 = 0; m0 < p.m;) {
+      const int mt = pass_rows(p.m, m0, kMaxRowsAvx2);
+      switch (mt) {
+        case 1: pass_avx2<1>(p, row, m0, tables.data(), shift); break;
+        case 2: pass_avx2<2>(p, row, m0, tables.data(), shift); break;
+        case 3: pass_avx2<3>(p, row, m0, tables.data(), shift); break;
+        default: pass_avx2<4>(p, row, m0, tables.data(), shift); break;
+      }
+      m0 += mt;
     }
-    m0 += mt;
   }
 }
 
@@ -603,15 +667,15 @@ QK_AVX2 float dot_avx2(const float* a, const float* b, int64_t k) {
 #endif  // QK_X86
 
 // ------------------------------------------------------------------------- dispatching
-using RowFn = void (*)(const Problem&, int64_t, Scratch&, float*);
+using RowsFn = void (*)(const Problem&, int64_t, int64_t);
 using DotFn = float (*)(const float*, const float*, int64_t);
 
-RowFn row_fn(Isa isa) {
+RowsFn rows_fn(Isa isa) {
 #if QK_X86
-  if (isa == Isa::kAvx512) return row_avx512;
-  if (isa == Isa::kAvx2) return row_avx2;
+  if (isa == Isa::kAvx512) return rows_avx512;
+  if (isa == Isa::kAvx2) return rows_avx2;
 #endif
-  return row_scalar;
+  return rows_scalar;
 }
 
 DotFn dot_fn(Isa isa) {
@@ -783,25 +847,24 @@ std::tuple<at::Tensor, at::Tensor> qlora_small_m(
       using T = decltype(tag);
       to_float(bias->data_ptr<T>(), bias32.data(), n);
     });
+    p.bias = bias32.data();
   }
 
-  // The rows of W across threads; each output is finished (LoRA, bias, rounding) where computed.
-  const RowFn row_kernel = row_fn(isa);
+  // The rows of W across threads; each output is finished (LoRA, bias) in fp32 where computed,
+  // then rounded to x's dtype by the same thread.
+  const bool fp32_out = x.scalar_type() == at::kFloat;
+  Floats out32(fp32_out ? 0 : p.m * n);
+  p.out = fp32_out ? y.data_ptr<float>() : out32.data();
+  const RowsFn rows_kernel = rows_fn(isa);
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerTask / (k * p.m));
-  dispatch_float(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    T* out = y.data_ptr<T>();
-    at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
-      const int64_t groups = p.four_bit() ? p.groups() : 1;
-      Scratch scratch(groups);
-      Floats res(p.m);
-      for (int64_t row = r0; row < r1; ++row) {
-        row_kernel(p, row, scratch, res.data());
-        if (bias) {
-          for (int64_t i = 0; i < p.m; ++i) res[i] += bias32[row];
-        }
-        for (int64_t i = 0; i < p.m; ++i) out[i * n + row] = static_cast<T>(res[i]);
-      }
+  at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
+    rows_kernel(p, r0, r1);
+    if (fp32_out) return;
+    dispatch_float(x.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* out = y.data_ptr<T>();
+      for (int64_t i = 0; i < p.m; ++i)
+        for (int64_t row = r0; row < r1; ++row) out[i * n + row] = static_cast<T>(p.out[i * n + row]);
     });
   });
   return {y, xa};

@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from ..formats import QuantizedTensor
-from .native import native_available, workspace
+from .native import fused_small_m_applies, fused_small_m_forward, native_available, workspace
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "torch", "triton", "native")
@@ -63,7 +63,8 @@ class TorchBackend:
     decode="torch": the pure reference decode into a fresh fp32 tensor (``backend="torch"``).
     decode="native": the C++ extension decodes into one reused fp32 buffer, so no dense
     weight is allocated per layer call (``backend="native"``, and ``"auto"`` on the CPU when
-    the extension is built).
+    the extension is built); its forward at small M runs the fused kernel instead
+    (`native.fused_small_m_forward`: the weight decoded in registers, LoRA and bias in the same pass).
     """
 
     def __init__(self, decode: str = "torch") -> None:
@@ -76,6 +77,8 @@ class TorchBackend:
         return x @ (w.t() if transpose else w)
 
     def forward(self, x, qt, lora_a, lora_b, scaling, bias):
+        if self.decode == "native" and fused_small_m_applies(x, qt):  # small M: decode in registers, one pass
+            return fused_small_m_forward(x, qt, lora_a, lora_b, scaling, bias)
         xf = x.float()
         y = self._matmul(xf, qt, transpose=True)
         xa = None
