@@ -336,26 +336,34 @@ QK_AVX512 void dot8_avx512(const int8_t* q, int64_t stride, const float* x, int6
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < MT; ++i) acc[u][r][i] = _mm512_setzero_ps();
   int64_t j = 0;
-  for (; j + 16 <= k; j += 16) {
-    const int u = static_cast<int>((j / 16) % U);
-    __m512 xv[MT];
+  for (; j + 16 * U <= k; j += 16 * U) {
 #pragma GCC unroll 8
-    for (int i = 0; i < MT; ++i) xv[i] = _mm512_loadu_ps(x + i * ldx + j);
+    for (int u = 0; u < U; ++u) {
+      __m512 xv[MT];
+#pragma GCC unroll 8
+      for (int i = 0; i < MT; ++i) xv[i] = _mm512_loadu_ps(x + i * ldx + j + 16 * u);
 #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m512 w = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * stride + j + 16 * u))));
+#pragma GCC unroll 8
+        for (int i = 0; i < MT; ++i) acc[u][r][i] = _mm512_fmadd_ps(w, xv[i], acc[u][r][i]);
+      }
+    }
+  }
+  for (; j + 16 <= k; j += 16) {
     for (int r = 0; r < R; ++r) {
       const __m512 w =
           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * stride + j))));
-#pragma GCC unroll 8
-      for (int i = 0; i < MT; ++i) acc[u][r][i] = _mm512_fmadd_ps(w, xv[i], acc[u][r][i]);
+      for (int i = 0; i < MT; ++i) acc[0][r][i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + i * ldx + j), acc[0][r][i]);
     }
   }
   if (j < k) {
     const __mmask16 mask = static_cast<__mmask16>((1u << (k - j)) - 1);
-    const int u = static_cast<int>((j / 16) % U);
     for (int r = 0; r < R; ++r) {
       const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + r * stride + j)));
       for (int i = 0; i < MT; ++i)
-        acc[u][r][i] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, x + i * ldx + j), acc[u][r][i]);
+        acc[0][r][i] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, x + i * ldx + j), acc[0][r][i]);
     }
   }
   for (int r = 0; r < R; ++r)
