@@ -60,6 +60,7 @@ namespace {
 constexpr int64_t kNestedBlock = 256;     // NF4 absmax values per fp32 scale (formats.NESTED_BLOCK)
 constexpr int64_t kMinMacsPerTask = 1 << 16;  // below this a task is not worth a thread
 constexpr int64_t kChunk = 32;            // weights per 16 packed bytes; every 4-bit group is a multiple
+constexpr int64_t kTileRows = 4;          // weight rows per tile (the largest tile of the micro-kernels)
 
 enum class Isa { kScalar, kAvx2, kAvx512 };
 
@@ -475,13 +476,12 @@ QK_AVX512 void pass_avx512(const Problem& p, int64_t row, int64_t rows, int64_t 
     tile_avx512<1, MT>(p, row + r, m0, scale + r * groups, offset ? offset + r * groups : nullptr);
 }
 
-constexpr int kTileRowsMax = 4;  // the largest tile_rows_avx512
 
 QK_AVX512 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t groups = p.four_bit() ? p.groups() : 0;
-  Floats scale(kTileRowsMax * groups), offset(kTileRowsMax * groups);
-  for (int64_t row = r0; row < r1; row += kTileRowsMax) {
-    const int64_t rows = std::min<int64_t>(kTileRowsMax, r1 - row);
+  Floats scale(kTileRows * groups), offset(kTileRows * groups);
+  for (int64_t row = r0; row < r1; row += kTileRows) {
+    const int64_t rows = std::min<int64_t>(kTileRows, r1 - row);
     if (p.four_bit()) group_params_avx512(p, row * groups, rows * groups, scale.data(), offset.data());
     const float* off = p.has_offset ? offset.data() : nullptr;
     for (int64_t m0 = 0; m0 < p.m;) {
@@ -749,6 +749,9 @@ std::tuple<at::Tensor, at::Tensor> qlora_small_m(
   p.k = x.size(1);
   p.n = data.size(0);
   const int64_t n = p.n, k = p.k;
+  const int64_t weight_k = format == "int8" ? data.size(1) : 2 * data.size(1);
+  TORCH_CHECK_VALUE(k == weight_k, op, ": x has ", k, " columns but the weight has in_features K=", weight_k,
+                    "; x must be (M, K)");
   if (format == "int8") {
     p.layout = Layout::kInt8;
     p.group = k;
@@ -863,9 +866,13 @@ std::tuple<at::Tensor, at::Tensor> qlora_small_m(
   const bool fp32_out = x.scalar_type() == at::kFloat;
   Floats out32(fp32_out ? 0 : p.m * n);
   p.out = fp32_out ? y.data_ptr<float>() : out32.data();
+  // Threads get whole tiles of kTileRows rows, so how rows group into tiles (and with it the
+  // order of every sum) does not depend on the thread count.
   const RowsFn rows_kernel = rows_fn(isa);
-  const int64_t grain = std::max<int64_t>(1, kMinMacsPerTask / (k * p.m));
-  at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
+  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+  const int64_t grain = std::max<int64_t>(1, kMinMacsPerTask / (k * p.m * kTileRows));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    const int64_t r0 = t0 * kTileRows, r1 = std::min(t1 * kTileRows, n);
     rows_kernel(p, r0, r1);
     if (fp32_out) return;
     dispatch_float(x.scalar_type(), [&](auto tag) {
