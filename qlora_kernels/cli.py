@@ -69,7 +69,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_MODEL = "smollm2-135m-instruct"
-HEAVY_COMMANDS = ("train", "eval", "merge", "demo", "bench")
+HEAVY_COMMANDS = ("train", "eval", "merge", "demo", "bench", "generate", "chat")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -156,6 +156,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _generation_setup(args: argparse.Namespace, prompt: bool):
+    """Check the arguments (before anything loads), then load the base with the adapter -> (session, prompt)."""
+    from .generation import (
+        ChatSession,
+        Sampling,
+        UsageError,
+        check_adapter_dir,
+        check_dtype,
+        check_prompt,
+        load_adapted_model,
+    )
+
+    try:
+        adapter = check_adapter_dir(args.adapter)
+        text = check_prompt(args.prompt) if prompt else None
+        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        dtype = check_dtype(args.dtype)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, None
+    model, tokenizer = load_adapted_model(_model_for_adapter(adapter, args.model), adapter, dtype)
+    return ChatSession(model, tokenizer, sampling, system=args.system), text
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Answer one prompt with the fine-tuned model (quantized base + adapter, no merge), streaming the tokens."""
+    session, prompt = _generation_setup(args, prompt=True)
+    if session is None:
+        return EXIT_USAGE
+    session.reply(prompt, sys.stdout)
+    print()
+    return EXIT_OK
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Talk to the fine-tuned model; the key/value cache of the conversation is reused turn after turn."""
+    from .generation import chat_loop
+
+    session, _ = _generation_setup(args, prompt=False)
+    if session is None:
+        return EXIT_USAGE
+    chat_loop(session)
+    return EXIT_OK
+
+
 def _benchmarks_root() -> Path:
     """The source checkout holding ``benchmarks/`` (not an installed package): the parent of this package's folder."""
     root = Path(__file__).resolve().parent.parent
@@ -209,6 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--model", help="base model (default: from the run's train_config.json, else SmolLM2)")
     mg.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="dense weight dtype")
     mg.set_defaults(func=cmd_merge)
+
+    sampling = argparse.ArgumentParser(add_help=False)  # the options generate and chat share
+    sampling.add_argument("--adapter", required=True, help="adapter folder written by train (output_dir/adapter)")
+    sampling.add_argument("--model", help="base model (default: from the run's train_config.json, else SmolLM2)")
+    sampling.add_argument(
+        "--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="compute dtype (auto: the adapter's)"
+    )
+    sampling.add_argument("--system", help="system prompt (default: the chat template's)")
+    sampling.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default 256)")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
+    sampling.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    gen = sub.add_parser("generate", parents=[sampling], help="answer a prompt with a fine-tuned adapter, streamed")
+    gen.add_argument("--prompt", required=True, help="the user's message (the chat template is applied)")
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", parents=[sampling], help="chat with a fine-tuned adapter (KV cache kept)")
+    chat.set_defaults(func=cmd_chat)
 
     demo = sub.add_parser("demo", help="the main job: QLoRA SmolLM2 on the expense task, before/after report")
     demo.add_argument("--out", default="out/demo", help="output folder (report.md, loss.png, metrics.json)")
