@@ -58,7 +58,7 @@ namespace qlora_kernels {
 namespace {
 
 constexpr int64_t kNestedBlock = 256;     // NF4 absmax values per fp32 scale (formats.NESTED_BLOCK)
-constexpr int64_t kMinMacsPerTask = 1 << 16;  // below this a task is not worth a thread
+constexpr int64_t kMinMacsPerTask = 1 << 18;  // below this a task is not worth waking a thread
 constexpr int64_t kChunk = 32;            // weights per 16 packed bytes; every 4-bit group is a multiple
 constexpr int64_t kTileRows = 4;          // weight rows per tile (the largest tile of the micro-kernels)
 

@@ -197,11 +197,12 @@ def workspace() -> DequantWorkspace:
 
 
 # ------------------------------------------------------------------------ fused small-M forward
-#: Largest number of rows of x (M) the fused kernel serves. At M = 16 it is still faster than
-#: decoding the weight into the shared buffer and calling the matmul (single-threaded, NF4 with
-#: double quantization and LoRA r16, K = N = 2048: 1.8 ms fused vs 4.6 ms decode + matmul;
-#: `python -m benchmarks.small_m --crossover` measures it), and the kernel keeps at most 8 rows
-#: of x in registers per pass, so larger M would decode every weight twice or more.
+#: Largest number of rows of x (M) the fused kernel serves: token-by-token decoding and batched
+#: evaluation (16 prompts at a time). Measured (`python -m benchmarks.small_m --crossover`, NF4
+#: double quant + LoRA r16, 2048x2048, x bf16, 1 thread, shared machine): at M = 16 the fused
+#: kernel takes 1.34 ms against 2.98 ms for decoding into the shared buffer + matmul, and it was
+#: still ahead at M = 128 (19 vs 25 ms) while the busy machine slowed the matmul; a quiet machine's
+#: faster matmul moves the crossover down, so 16 keeps a margin. Re-measure before raising it.
 SMALL_M_MAX = 16
 SMALL_M_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ISAS = ("auto", "avx512", "avx2", "scalar")
