@@ -61,6 +61,9 @@ constexpr int64_t kNestedBlock = 256;     // NF4 absmax values per fp32 scale (f
 constexpr int64_t kMinMacsPerTask = 1 << 18;  // below this a task is not worth waking a thread
 constexpr int64_t kChunk = 32;            // weights per 16 packed bytes; every 4-bit group is a multiple
 constexpr int64_t kTileRows = 4;          // weight rows per tile (the largest tile of the micro-kernels)
+// How far ahead in the packed weight to prefetch: rows are back to back, so this reaches the
+// next tiles' rows (8 KB: measured best of 1-16 KB, 1.5x over none for 4096x4096 at M = 1).
+constexpr int64_t kPrefetchBytes = 8192;
 
 enum class Isa { kScalar, kAvx2, kAvx512 };
 
@@ -299,6 +302,9 @@ QK_AVX512 void dot4_avx512(const uint8_t* q, int64_t stride, __m512 base, const 
   __m512 table[R];
   int64_t c = 0;
   for (; c + BLOCK <= chunks; c += BLOCK) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(q + r * stride + c * 16 + kPrefetchBytes), _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int g = 0; g < BLOCK / CPG; ++g) {
 #pragma GCC unroll 4
@@ -338,6 +344,9 @@ QK_AVX512 void dot8_avx512(const int8_t* q, int64_t stride, const float* x, int6
       for (int i = 0; i < MT; ++i) acc[u][r][i] = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 16 * U <= k; j += 16 * U) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(q + r * stride + j + kPrefetchBytes), _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int u = 0; u < U; ++u) {
       __m512 xv[MT];
@@ -543,6 +552,7 @@ QK_AVX2 QK_INLINE void dot4_avx2(const uint8_t* q, const float* tables, int shif
   __m256 acc[MT][2];
   for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
+    _mm_prefetch(reinterpret_cast<const char*>(q + c * 16 + kPrefetchBytes), _MM_HINT_T0);
     const float* t = tables + (c >> shift) * 16;
     const __m256 lo = _mm256_loadu_ps(t);
     const __m256 hi = _mm256_loadu_ps(t + 8);
@@ -569,6 +579,7 @@ QK_AVX2 QK_INLINE void dot8_avx2(const int8_t* q, const float* x, int64_t ldx, i
   for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 16 <= k; j += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(q + j + kPrefetchBytes), _MM_HINT_T0);
 #pragma GCC unroll 2
     for (int u = 0; u < 2; ++u) {
       const __m256 w = _mm256_cvtepi32_ps(
