@@ -363,8 +363,8 @@ QK_AVX512 void dot8_avx512(const int8_t* q, int64_t stride, const float* x, int6
   }
   for (; j + 16 <= k; j += 16) {
     for (int r = 0; r < R; ++r) {
-      const __m512 w =
-          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * stride + j))));
+      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * stride + j));
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
       for (int i = 0; i < MT; ++i) acc[0][r][i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + i * ldx + j), acc[0][r][i]);
     }
   }
@@ -422,7 +422,8 @@ QK_AVX512 void group_params_avx512(const Problem& p, int64_t first, int64_t coun
       const int64_t in_block = b0 % kNestedBlock;
       const float* nested_scale = p.absmax_scales + b0 / kNestedBlock;
       const __m512 s0 = _mm512_set1_ps(nested_scale[0]);
-      const __m512 s1 = in_block + std::min<int64_t>(16, count - g) > kNestedBlock ? _mm512_set1_ps(nested_scale[1]) : s0;
+      const bool spans_two = in_block + std::min<int64_t>(16, count - g) > kNestedBlock;
+      const __m512 s1 = spans_two ? _mm512_set1_ps(nested_scale[1]) : s0;
       const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(in_block)),
                                              _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
       const __mmask16 second = _mm512_cmpge_epi32_mask(lanes, _mm512_set1_epi32(static_cast<int>(kNestedBlock)));
@@ -749,8 +750,8 @@ std::tuple<at::Tensor, at::Tensor> qlora_small_m(
     const std::string& isa_name_arg) {
   constexpr const char* op = "qlora_small_m (native)";
   const Isa isa = parse_isa(isa_name_arg);
-  TORCH_CHECK_TYPE(is_float_type(x.scalar_type()), op, ": x must be torch.float32, torch.bfloat16 or torch.float16, got ",
-                   py_dtype(x.scalar_type()));
+  TORCH_CHECK_TYPE(is_float_type(x.scalar_type()), op,
+                   ": x must be torch.float32, torch.bfloat16 or torch.float16, got ", py_dtype(x.scalar_type()));
   TORCH_CHECK_VALUE(x.dim() == 2 && x.device().is_cpu() && x.is_contiguous(), op,
                     ": x must be a contiguous 2-D (M, K) CPU tensor, got shape ", py_shape(x.sizes()), " on ",
                     x.device());
