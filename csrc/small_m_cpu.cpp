@@ -10,14 +10,22 @@
 // codes of a byte are (even, odd) columns, so x is reordered once per call into "even columns,
 // then odd columns" per vector, and the packed bytes need no shuffling.
 //
-// Accumulation is fp32 (FMA) in a fixed order: every output is computed by one thread with the
-// same instructions whatever the thread count, so results do not depend on it. Rows of W (N) are
-// split across threads with at::parallel_for. The LoRA side path runs in the same call: x A^T is
-// computed once (and returned, the autograd function saves it), and B's row is added in each
-// output's epilogue, followed by the bias.
+// The AVX-512 micro-kernels work on tiles of up to 4 weight rows times up to 8 rows of x: each
+// x vector loaded serves every row of the tile, each decoded weight vector every row of x. The
+// packed weight is prefetched a few KB ahead (one core cannot keep enough misses in flight by
+// itself to read DRAM at full speed).
+//
+// Accumulation is fp32 (FMA) in a fixed order. Rows of W (N) are split across threads with
+// at::parallel_for in whole 4-row tiles, so each output is computed by one thread with the same
+// instructions whatever the thread count: results do not depend on it. The LoRA side path runs in
+// the same call: x A^T is computed once (and returned, the autograd function saves it), and B's
+// row is added in each output's epilogue, followed by the bias.
 //
 // Instruction sets, chosen at run time (the library's baseline is x86-64-v2): AVX-512
-// (vpermps over 16 lanes), AVX2 (two 8-lane vpermps and a blend), and a portable scalar path.
+// (vpermps over 16 lanes), AVX2 (two 8-lane vpermps and a blend, one weight row at a time), and a
+// portable scalar path. Not used: VNNI would need x quantized to int8, and avx512_bf16 dot
+// products would round the decoded weights to bf16, both breaking the fp32 reference's tolerance;
+// and at M = 1 the kernel is bound by reading W, not by the multiplies they speed up.
 //
 // Operators (schemas in TORCH_LIBRARY_FRAGMENT below):
 //   qlora_kernels::qlora_small_m(x, format, data, scales, mins?, levels?, nested_code?, absmax_scales?,
