@@ -25,7 +25,7 @@
 // (vpermps over 16 lanes), AVX2 (two 8-lane vpermps and a blend, one weight row at a time), and a
 // portable scalar path. Not used: VNNI would need x quantized to int8, and avx512_bf16 dot
 // products would round the decoded weights to bf16, both breaking the fp32 reference's tolerance;
-// and at M = 1 the kernel is bound by reading W, not by the multiplies they speed up.
+// and at M = 1 the time goes to reading and decoding W, not to the multiplies they would speed up.
 //
 // Operators (schemas in TORCH_LIBRARY_FRAGMENT below):
 //   qlora_kernels::qlora_small_m(x, format, data, scales, mins?, levels?, nested_code?, absmax_scales?,
