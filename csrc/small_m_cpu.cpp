@@ -69,6 +69,8 @@ constexpr int64_t kNestedBlock = 256;     // NF4 absmax values per fp32 scale (f
 constexpr int64_t kMinMacsPerTask = 1 << 18;  // below this a task is not worth waking a thread
 constexpr int64_t kChunk = 32;            // weights per 16 packed bytes; every 4-bit group is a multiple
 constexpr int64_t kTileRows = 4;          // weight rows per tile (the largest tile of the micro-kernels)
+constexpr int64_t kGroupRows = 16;        // weight rows that share a block of x (a multiple of kTileRows)
+constexpr int64_t kXBlockBytes = 24 * 1024;  // a block of x this large stays in L1 (48 KB on Zen 5)
 // How far ahead in the packed weight to prefetch: rows are back to back, so this reaches the
 // next tiles' rows (8 KB: measured best of 1-16 KB, 1.5x over none for 4096x4096 at M = 1).
 constexpr int64_t kPrefetchBytes = 8192;
@@ -295,21 +297,24 @@ QK_AVX512 QK_INLINE void chunk4_avx512(const uint8_t* q, int64_t stride, const _
   }
 }
 
-// sums[r][i] = x_i . W_r over the 4-bit weight rows of a tile; CPG chunks per group
-// (group_size / 32). Steps of BLOCK chunks keep U chunks in flight and build each group's
-// table once. scale / offset hold the tile's groups row after row (`groups` per row).
+// Accumulates chunks c0 .. c1 - 1 of a tile's 4-bit weight rows times MT rows of x into `state`
+// (U chunks in flight, two accumulators each); CPG chunks per group (group_size / 32). Steps of
+// BLOCK chunks build each group's table once; c0 must be a multiple of BLOCK, so splitting K into
+// blocks changes nothing in the order of any sum. scale / offset hold the tile's groups row
+// after row (`groups` per row).
 template <int R, int MT, int CPG>
-QK_AVX512 void dot4_avx512(const uint8_t* q, int64_t stride, __m512 base, const float* scale, const float* offset,
-                           int64_t groups, const float* xp, int64_t ldx, int64_t chunks, __m512 (*sums)[MT]) {
+QK_AVX512 QK_INLINE void dot4_range_avx512(const uint8_t* q, int64_t stride, __m512 base, const float* scale,
+                                           const float* offset, int64_t groups, const float* xp, int64_t ldx,
+                                           int64_t c0, int64_t c1, __m512 (*state)[R][MT][2]) {
   constexpr int U = unroll_avx512(R, MT);
   constexpr int BLOCK = U > CPG ? U : CPG;
   __m512 acc[U][R][MT][2];
   for (int u = 0; u < U; ++u)
     for (int r = 0; r < R; ++r)
-      for (int i = 0; i < MT; ++i) acc[u][r][i][0] = acc[u][r][i][1] = _mm512_setzero_ps();
+      for (int i = 0; i < MT; ++i) acc[u][r][i][0] = state[u][r][i][0], acc[u][r][i][1] = state[u][r][i][1];
   __m512 table[R];
-  int64_t c = 0;
-  for (; c + BLOCK <= chunks; c += BLOCK) {
+  int64_t c = c0;
+  for (; c + BLOCK <= c1; c += BLOCK) {
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r)
       _mm_prefetch(reinterpret_cast<const char*>(q + r * stride + c * 16 + kPrefetchBytes), _MM_HINT_T0);
@@ -325,20 +330,42 @@ QK_AVX512 void dot4_avx512(const uint8_t* q, int64_t stride, __m512 base, const 
       }
     }
   }
-  for (; c < chunks; ++c) {
+  for (; c < c1; ++c) {
     for (int r = 0; r < R; ++r)
       table[r] = group_table(base, scale + r * groups, offset ? offset + r * groups : nullptr, c / CPG);
     chunk4_avx512<R, MT>(q + c * 16, stride, table, xp + c * kChunk, ldx, acc[0]);
   }
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MT; ++i) state[u][r][i][0] = acc[u][r][i][0], state[u][r][i][1] = acc[u][r][i][1];
+}
+
+// The accumulators of a tile summed in a fixed order: sums[r][i] = x_i . W_r.
+template <int R, int MT>
+QK_AVX512 QK_INLINE void tile_sums_avx512(__m512 (*state)[R][MT][2], __m512 (*sums)[MT]) {
+  constexpr int U = unroll_avx512(R, MT);
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < MT; ++i) {
       __m512 all[2 * U];
       for (int u = 0; u < U; ++u) {
-        all[2 * u] = acc[u][r][i][0];
-        all[2 * u + 1] = acc[u][r][i][1];
+        all[2 * u] = state[u][r][i][0];
+        all[2 * u + 1] = state[u][r][i][1];
       }
       sums[r][i] = tree_sum<2 * U>(all);
     }
+}
+
+// sums[r][i] = x_i . W_r over the whole rows of a 4-bit tile.
+template <int R, int MT, int CPG>
+QK_AVX512 void dot4_avx512(const uint8_t* q, int64_t stride, __m512 base, const float* scale, const float* offset,
+                           int64_t groups, const float* xp, int64_t ldx, int64_t chunks, __m512 (*sums)[MT]) {
+  constexpr int U = unroll_avx512(R, MT);
+  __m512 state[U][R][MT][2];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MT; ++i) state[u][r][i][0] = state[u][r][i][1] = _mm512_setzero_ps();
+  dot4_range_avx512<R, MT, CPG>(q, stride, base, scale, offset, groups, xp, ldx, 0, chunks, state);
+  tile_sums_avx512<R, MT>(state, sums);
 }
 
 // sums[r][i] = x_i . q_r over int8 rows (the row scale is applied by the caller).
@@ -450,6 +477,17 @@ QK_AVX512 void group_params_avx512(const Problem& p, int64_t first, int64_t coun
   }
 }
 
+// LoRA, bias, and the store into p.out of a tile's sums.
+template <int R, int MT>
+QK_AVX512 QK_INLINE void finish_tile_avx512(const Problem& p, int64_t row, int64_t m0, __m512 (*sums)[MT]) {
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MT; ++i) {
+      float v = lora_reduce_avx512(p, row + r, m0 + i, sums[r][i]);
+      if (p.bias) v += p.bias[row + r];
+      p.out[(m0 + i) * p.n + row + r] = v;
+    }
+}
+
 // A tile of R weight rows from `row` times MT rows of x from m0, finished into p.out.
 template <int R, int MT>
 QK_AVX512 void tile_avx512(const Problem& p, int64_t row, int64_t m0, const float* scale, const float* offset) {
@@ -472,12 +510,7 @@ QK_AVX512 void tile_avx512(const Problem& p, int64_t row, int64_t m0, const floa
       for (int i = 0; i < MT; ++i) sums[r][i] = _mm512_mul_ps(sums[r][i], s);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < MT; ++i) {
-      float v = lora_reduce_avx512(p, row + r, m0 + i, sums[r][i]);
-      if (p.bias) v += p.bias[row + r];
-      p.out[(m0 + i) * p.n + row + r] = v;
-    }
+  finish_tile_avx512<R, MT>(p, row, m0, sums);
 }
 
 // Rows `row` .. `row + rows - 1` (rows <= R) for MT rows of x: full tiles, then single rows.
@@ -495,15 +528,85 @@ QK_AVX512 void pass_avx512(const Problem& p, int64_t row, int64_t rows, int64_t 
 }
 
 
+// Chunks per K block for MT rows of x: the block of x stays in L1 while every row of a group
+// reads it (a multiple of 8, so of every BLOCK). K in one block when it fits.
+inline int64_t block_chunks(int mt, int64_t chunks) {
+  const int64_t fit = std::max<int64_t>(8, kXBlockBytes / (mt * kChunk * sizeof(float)) / 8 * 8);
+  return chunks <= fit ? chunks : fit;
+}
+
+// The 4-bit rows `row` .. `row + rows - 1` (a multiple of R) for MT rows of x, K block by K block:
+// each block of x is read from memory once for all rows instead of once per row.
+template <int MT, int R>
+QK_AVX512 void blocked_rows_avx512(const Problem& p, int64_t row, int64_t rows, int64_t m0, const float* scale,
+                                   const float* offset, int64_t step) {
+  constexpr int U = unroll_avx512(R, MT);
+  const int64_t stride = p.k / 2, groups = p.groups(), chunks = p.k / kChunk;
+  const __m512 base = _mm512_load_ps(p.base);
+  const float* xp = p.xp + m0 * p.k;
+  __m512 state[kGroupRows / R][U][R][MT][2];
+  const int64_t tiles = rows / R;
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < MT; ++i) state[t][u][r][i][0] = state[t][u][r][i][1] = _mm512_setzero_ps();
+  for (int64_t c0 = 0; c0 < chunks; c0 += step) {
+    const int64_t c1 = std::min(c0 + step, chunks);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const uint8_t* q = p.q4 + (row + t * R) * stride;
+      const float* sc = scale + t * R * groups;
+      const float* of = offset ? offset + t * R * groups : nullptr;
+      switch (p.group / kChunk) {
+        case 1: dot4_range_avx512<R, MT, 1>(q, stride, base, sc, of, groups, xp, p.k, c0, c1, state[t]); break;
+        case 2: dot4_range_avx512<R, MT, 2>(q, stride, base, sc, of, groups, xp, p.k, c0, c1, state[t]); break;
+        case 4: dot4_range_avx512<R, MT, 4>(q, stride, base, sc, of, groups, xp, p.k, c0, c1, state[t]); break;
+        default: dot4_range_avx512<R, MT, 8>(q, stride, base, sc, of, groups, xp, p.k, c0, c1, state[t]); break;
+      }
+    }
+  }
+  for (int64_t t = 0; t < tiles; ++t) {
+    __m512 sums[R][MT];
+    tile_sums_avx512<R, MT>(state[t], sums);
+    finish_tile_avx512<R, MT>(p, row + t * R, m0, sums);
+  }
+}
+
+// A group of rows for MT rows of x in K blocks: whole tiles, then the rows left one by one.
+template <int MT>
+QK_AVX512 void blocked_pass_avx512(const Problem& p, int64_t row, int64_t rows, int64_t m0, const float* scale,
+                                   const float* offset, int64_t step) {
+  constexpr int R = tile_rows_avx512(MT);
+  const int64_t whole = rows / R * R, groups = p.groups();
+  if (whole) blocked_rows_avx512<MT, R>(p, row, whole, m0, scale, offset, step);
+  if (rows > whole)
+    blocked_rows_avx512<MT, 1>(p, row + whole, rows - whole, m0, scale + whole * groups,
+                               offset ? offset + whole * groups : nullptr, step);
+}
+
 QK_AVX512 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t groups = p.four_bit() ? p.groups() : 0;
-  Floats scale(kTileRows * groups), offset(kTileRows * groups);
-  for (int64_t row = r0; row < r1; row += kTileRows) {
-    const int64_t rows = std::min<int64_t>(kTileRows, r1 - row);
+  Floats scale(kGroupRows * groups), offset(kGroupRows * groups);
+  for (int64_t row = r0; row < r1; row += kGroupRows) {
+    const int64_t rows = std::min<int64_t>(kGroupRows, r1 - row);
     if (p.four_bit()) group_params_avx512(p, row * groups, rows * groups, scale.data(), offset.data());
     const float* off = p.has_offset ? offset.data() : nullptr;
     for (int64_t m0 = 0; m0 < p.m;) {
       const int mt = pass_rows(p.m, m0, kMaxRowsAvx512);
+      const int64_t step = p.four_bit() ? block_chunks(mt, p.k / kChunk) : 0;
+      if (p.four_bit() && step < p.k / kChunk) {
+        switch (mt) {
+          case 1: blocked_pass_avx512<1>(p, row, rows, m0, scale.data(), off, step); break;
+          case 2: blocked_pass_avx512<2>(p, row, rows, m0, scale.data(), off, step); break;
+          case 3: blocked_pass_avx512<3>(p, row, rows, m0, scale.data(), off, step); break;
+          case 4: blocked_pass_avx512<4>(p, row, rows, m0, scale.data(), off, step); break;
+          case 5: blocked_pass_avx512<5>(p, row, rows, m0, scale.data(), off, step); break;
+          case 6: blocked_pass_avx512<6>(p, row, rows, m0, scale.data(), off, step); break;
+          case 7: blocked_pass_avx512<7>(p, row, rows, m0, scale.data(), off, step); break;
+          default: blocked_pass_avx512<8>(p, row, rows, m0, scale.data(), off, step); break;
+        }
+        m0 += mt;
+        continue;
+      }
       const int tile = mt <= 2 ? 4 : mt <= 4 ? 2 : 1;  // tile_rows_avx512(mt)
       for (int64_t t = 0; t < rows; t += tile) {
         const int64_t n = std::min<int64_t>(tile, rows - t);

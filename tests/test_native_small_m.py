@@ -109,17 +109,32 @@ def test_many_nested_blocks_and_rows_per_thread(isa: str) -> None:
 
 
 @needs_native
-@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
-def test_the_result_does_not_depend_on_the_thread_count(fmt: str) -> None:
-    qt = qk.quantize(torch.randn(203, 512), fmt)
-    a, b = _lora(203, 512, 16, seed=2)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("fmt", "group", "opts"), [("nf4", 32, {}), ("int4", 64, {"symmetric": False})])
+def test_long_rows_with_many_rows_of_x(fmt: str, group: int, opts: dict, isa: str) -> None:
+    """K long enough that the kernel splits it into blocks of x that stay in the L1 cache."""
+    n, k = 37, 2624  # 82 chunks of 32: blocks of 24 to 64 chunks, and a shorter last block
+    qt = qk.quantize(_weight(n, k, seed=9), fmt, group_size=group, **opts)
+    a, b = _lora(n, k, 16, seed=9)
+    bias = torch.randn(n)
+    for m in (3, 5, 8, 11, 16):
+        x = torch.randn(m, k)
+        y, _ = native.fused_small_m_forward(x, qt, a, b, 0.5, bias, isa=isa)
+        assert_matches_reference(y, _reference32(x, qt, a, b, 0.5, bias), torch.float32, f"{fmt} M={m} {isa}")
+
+
+@needs_native
+@pytest.mark.parametrize(("fmt", "k"), [("nf4", 512), ("int4", 512), ("int8", 512), ("nf4", 2048)])
+def test_the_result_does_not_depend_on_the_thread_count(fmt: str, k: int) -> None:
+    qt = qk.quantize(torch.randn(203, k), fmt)
+    a, b = _lora(203, k, 16, seed=2)
     bias = torch.randn(203)
     threads = torch.get_num_threads()
     results = []
     try:
         for count in (1, 2, 3, 4):
             torch.set_num_threads(count)
-            results.append([native.fused_small_m_forward(torch.ones(m, 512) / m, qt, a, b, 2.0, bias) for m in (1, 7)])
+            results.append([native.fused_small_m_forward(torch.ones(m, k) / m, qt, a, b, 2.0, bias) for m in (1, 7)])
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
