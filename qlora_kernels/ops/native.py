@@ -198,11 +198,11 @@ def workspace() -> DequantWorkspace:
 
 # ------------------------------------------------------------------------ fused small-M forward
 #: Largest number of rows of x (M) the fused kernel serves: token-by-token decoding and batched
-#: evaluation (16 prompts at a time). Measured (`python -m benchmarks.small_m --crossover`, NF4
-#: double quant + LoRA r16, 2048x2048, x bf16, 1 thread, shared machine): at M = 16 the fused
-#: kernel takes 1.34 ms against 2.98 ms for decoding into the shared buffer + matmul, and it was
-#: still ahead at M = 128 (19 vs 25 ms) while the busy machine slowed the matmul; a quiet machine's
-#: faster matmul moves the crossover down, so 16 keeps a margin. Re-measure before raising it.
+#: evaluation (16 prompts at a time), the issue's scope. Measured (`python -m benchmarks.small_m
+#: --crossover`, NF4 double quant + LoRA r16, 2048x2048, x bf16, 1 thread): at M = 16 the fused
+#: kernel takes 1.10 ms against 2.75 ms for decoding into the shared buffer + fp32 matmul, and it
+#: was still ahead at M = 128 (9.2 vs 11.8 ms; this CPU's fp32 matmul ran at ~100 GFLOP/s).
+#: Raising the threshold (short prompts' prefill) needs that measurement on the target machine.
 SMALL_M_MAX = 16
 SMALL_M_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ISAS = ("auto", "avx512", "avx2", "scalar")
