@@ -1,6 +1,6 @@
 """qlora-kernels: quantized LoRA fine-tuning from the command line.
 
-Commands: info, train, eval, merge, demo. Add --debug (before or after the command) to see the
+Commands: info, train, eval, merge, demo, generate, chat. Add --debug (before or after the command) to see the
 traceback of an error.
 
 Exit codes: 0 ok; 1 a failure while running (one line, the traceback with --debug); 2 bad usage,
@@ -36,7 +36,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DIVERGED = 0, 1, 2, 3
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 DEFAULT_MODEL = "smollm2-135m-instruct"
-HEAVY_COMMANDS = ("train", "eval", "merge", "demo")
+HEAVY_COMMANDS = ("train", "eval", "merge", "demo", "generate", "chat")
 RUN_CONFIG = "train_config.json"  # written by train next to adapter/
 
 
@@ -311,6 +311,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------- generate, chat
+def chat_session(args: argparse.Namespace, with_prompt: bool):
+    """Check every argument (before anything loads), then load the base with the adapter -> (session, prompt)."""
+    from .generation import ChatSession, Sampling, check_adapter_dir, check_dtype, check_prompt, load_adapted_model
+
+    with input_errors():
+        check_adapter_dir(args.adapter)
+        prompt = check_prompt(args.prompt) if with_prompt else None
+        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        dtype = check_dtype(args.dtype)
+    adapter, model_name, _ = check_adapter_and_model(args)
+    model, tokenizer = load_adapted_model(model_name, adapter, dtype)
+    return ChatSession(model, tokenizer, sampling, system=args.system), prompt
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Answer one prompt with the fine-tuned model (quantized base + adapter, no merge), streaming the tokens."""
+    session, prompt = chat_session(args, with_prompt=True)
+    session.reply(prompt, sys.stdout)
+    print()
+    return EXIT_OK
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Talk to the fine-tuned model; the key/value cache of the conversation is reused turn after turn."""
+    from .generation import chat_loop
+
+    session, _ = chat_session(args, with_prompt=False)
+    chat_loop(session)
+    return EXIT_OK
+
+
 # ----------------------------------------------------------------------------- parser
 def add_command(
     sub: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int], summary: str, doc: str
@@ -424,7 +456,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--n-eval", type=positive_int, default=40, help="held-out examples")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training config key")
+
+    gen = add_command(
+        sub,
+        "generate",
+        cmd_generate,
+        "answer a prompt with a fine-tuned adapter, streamed",
+        "Answer one prompt with the base model and a trained adapter on top (quantized as the adapter says,\n"
+        "not merged). The chat template is applied and the answer is printed as it is generated.",
+    )
+    gen.add_argument("--prompt", required=True, help="the user's message")
+    add_sampling_options(gen)
+    chat = add_command(
+        sub,
+        "chat",
+        cmd_chat,
+        "chat with a fine-tuned adapter",
+        "Talk to the base model with a trained adapter on top; each turn reuses the key/value cache of the\n"
+        "conversation so far. /reset starts a new conversation, /exit (or Ctrl-D) ends it.",
+    )
+    add_sampling_options(chat)
     return parser
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """The options generate and chat share: the adapter, the base model, dtype and sampling."""
+    parser.add_argument("--adapter", required=True, help="adapter folder written by train (output_dir/adapter)")
+    parser.add_argument("--model", help="base model (default: the run's model from train_config.json, else SmolLM2)")
+    parser.add_argument(
+        "--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="compute dtype (auto: the adapter's)"
+    )
+    parser.add_argument("--system", help="system prompt (default: the chat template's)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (>= 1)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
 
 
 # ------------------------------------------------------------------------------- main

@@ -145,7 +145,7 @@ def test_bf16_policy_decodes_into_bf16_and_fp32_policy_into_fp32(monkeypatch, ba
     monkeypatch.setattr(DequantWorkspace, "dequantize", spy_ws)
     qt = qk.quantize(torch.randn(40, 64), "nf4")
     a, b = torch.randn(4, 64).requires_grad_(), torch.randn(40, 4)
-    x = torch.randn(5, 64).bfloat16().requires_grad_()
+    x = torch.randn(20, 64).bfloat16().requires_grad_()  # M above the fused small-M kernel's range
     for policy, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         requested.clear()
         set_cpu_compute_dtype(policy)

@@ -3,8 +3,9 @@
 The extension (csrc/, built by ``QK_BUILD_NATIVE=1 pip install -e . --no-build-isolation``, which
 scripts/bootstrap.sh runs) registers ``torch.ops.qlora_kernels.dequantize_{int8,int4,nf4}_into``:
 one-pass CPU dequantization into a caller-provided fp32/bf16/fp16 buffer, bit-identical to the
-PyTorch reference. Without it every caller falls back to the reference; only an explicit
-``backend="native"`` raises.
+PyTorch reference; and ``qlora_small_m``: the fused forward y = x W^T + scaling (x A^T) B^T + bias
+for a few rows of x (token-by-token decoding), W decoded in registers (`fused_small_m_forward`).
+Without it every caller falls back to the reference; only an explicit ``backend="native"`` raises.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from ..common import FLOAT_DTYPES
 from ..formats import QuantizedTensor, dynamic_table, nf4_table
 
 EXTENSION = "qlora_kernels._native"
-OP_NAMES: tuple[str, ...] = ("dequantize_int8_into", "dequantize_int4_into", "dequantize_nf4_into")
+OP_NAMES: tuple[str, ...] = (
+    "dequantize_int8_into",
+    "dequantize_int4_into",
+    "dequantize_nf4_into",
+    "qlora_small_m",
+    "small_m_isa",
+)
 BUILD_HINT = (
     "build it with `QK_BUILD_NATIVE=1 pip install -e . --no-build-isolation` (scripts/bootstrap.sh does this; "
     "needs a C++ compiler)"
@@ -187,3 +194,95 @@ def workspace() -> DequantWorkspace:
     if ws is None:
         ws = _local.workspace = DequantWorkspace()
     return ws
+
+
+# ------------------------------------------------------------------------ fused small-M forward
+#: Largest number of rows of x (M) the fused kernel serves: token-by-token decoding and batched
+#: evaluation (16 prompts at a time), the issue's scope. Measured (`python -m benchmarks.small_m
+#: --crossover`, NF4 double quant + LoRA r16, 2048x2048, x bf16, 1 thread): at M = 16 the fused
+#: kernel takes 1.10 ms against 2.75 ms for decoding into the shared buffer + fp32 matmul, and it
+#: was still ahead at M = 128 (9.2 vs 11.8 ms; this CPU's fp32 matmul ran at ~100 GFLOP/s).
+#: Raising the threshold (short prompts' prefill) needs that measurement on the target machine.
+SMALL_M_MAX = 16
+SMALL_M_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ISAS = ("auto", "avx512", "avx2", "scalar")
+
+
+def small_m_isa() -> str:
+    """The fused kernel's instruction set on this CPU: "avx512", "avx2" or "scalar" ("" without the extension)."""
+    if not native_available():
+        return ""
+    return torch.ops.qlora_kernels.small_m_isa()
+
+
+@functools.cache
+def _vector_isa() -> bool:
+    return small_m_isa() in ("avx512", "avx2")
+
+
+def fused_small_m_applies(x: torch.Tensor, qt: QuantizedTensor) -> bool:
+    """True when `fused_small_m_forward` serves this call: the extension is built, the CPU has
+    AVX2 or AVX-512, x is a 2-D fp32/bf16/fp16 CPU tensor with 1..SMALL_M_MAX rows, W is on the CPU."""
+    return (
+        x.dim() == 2
+        and 0 < x.shape[0] <= SMALL_M_MAX
+        and x.dtype in SMALL_M_DTYPES
+        and x.device.type == "cpu"
+        and qt.data.device.type == "cpu"
+        and native_available()
+        and _vector_isa()
+    )
+
+
+def fused_small_m_forward(
+    x: torch.Tensor,
+    qt: QuantizedTensor,
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    bias: torch.Tensor | None = None,
+    *,
+    isa: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y = x @ W^T + scaling * (x @ A^T) @ B^T + bias in one pass over the packed weight -> (y, xa).
+
+    x: (M, K) fp32, bf16 or fp16 on the CPU; y: (M, N) in x's dtype, accumulated in fp32;
+    xa = x @ A^T: (M, r) fp32 (what the autograd function saves for the backward), or None
+    without LoRA. lora_a / lora_b are used in fp32 (converted if stored otherwise). Every output
+    is computed by one thread in a fixed order, so the result does not depend on the thread count.
+    isa: "auto" (the best this CPU has), or "avx512" / "avx2" / "scalar" to pin a code path (tests).
+    """
+    _require_native()
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"fused_small_m_forward: qt must be a QuantizedTensor, got {type(qt).__name__}")
+    if isa not in ISAS:
+        raise ValueError(f"fused_small_m_forward: isa must be one of {ISAS}, got {isa!r}")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("fused_small_m_forward: pass both lora_a and lora_b, or neither")
+    if lora_a is not None:
+        lora_a = lora_a.detach().float().contiguous()
+        lora_b = lora_b.detach().float().contiguous()
+    if bias is not None:
+        bias = bias.detach().contiguous()
+    levels = nested = None
+    if qt.format == "nf4":
+        levels = nf4_table()
+        nested = dynamic_table() if qt.double_quant else None
+    y, xa = torch.ops.qlora_kernels.qlora_small_m(
+        x.detach().contiguous(),
+        qt.format,
+        qt.data,
+        qt.scales,
+        qt.mins,
+        levels,
+        nested,
+        qt.absmax_scales,
+        qt.absmax_offset,
+        qt.group_size,
+        lora_a,
+        lora_b,
+        float(scaling),
+        bias,
+        isa,
+    )
+    return y, (xa if lora_a is not None else None)

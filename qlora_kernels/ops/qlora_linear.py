@@ -20,7 +20,7 @@ from ..common import FLOAT_DTYPES, check_real
 from ..formats import QuantizedTensor
 from ..formats.backends import auto_backend
 from .compute_policy import cpu_matmul_dtype
-from .native import native_available, workspace
+from .native import fused_small_m_applies, fused_small_m_forward, native_available, workspace
 
 
 # --------------------------------------------------------------------------- reference
@@ -68,6 +68,9 @@ class TorchBackend:
     GEMM is fast are multiplied in bf16 (oneDNN accumulates in fp32), the weight decoded straight
     into bf16 and the LoRA path in bf16 too, as PEFT does under bf16 autocast; everything else is
     computed in fp32. Off the CPU this backend always computes in fp32.
+
+    At small M the "native" forward runs the fused kernel instead (`native.fused_small_m_forward`:
+    the weight decoded in registers, LoRA and bias in the same pass, fp32 accumulation).
     """
 
     def __init__(self, decode: str = "torch") -> None:
@@ -84,6 +87,8 @@ class TorchBackend:
         return x @ (w.t() if transpose else w)
 
     def forward(self, x, qt, lora_a, lora_b, scaling, bias):
+        if self.decode == "native" and fused_small_m_applies(x, qt):  # small M: decode in registers, one pass
+            return fused_small_m_forward(x, qt, lora_a, lora_b, scaling, bias)
         compute = self.compute_dtype(x)
         xc = x.to(compute)
         y = self._matmul(xc, qt, transpose=True)

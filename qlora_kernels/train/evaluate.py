@@ -133,14 +133,18 @@ def shared_prefix_length(rows: Sequence[Sequence[int]], min_length: int | None =
     return n if n >= min_length else 0
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The name of the key/value cache argument: transformers 5 says `cache`, 4.x `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def shared_prefix_cache(model: nn.Module, prefix_ids: torch.Tensor, batch: int) -> dict[str, Any]:
     """Run the (1, P) shared prefix once; the key/value cache repeated `batch` times, as generate() kwargs.
 
-    transformers 5 names the argument `cache`, 4.x `past_key_values`; the model's forward says which.
     Returns no kwargs (plain generation) when the cache holds more positions than the prefix has
     tokens, as with prompt tuning's virtual tokens: generate() would then skip real tokens.
     """
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_name = cache_argument(model)
     out = model(input_ids=prefix_ids, use_cache=True)
     cache = out[cache_name] if cache_name in out else out.get("past_key_values")
     if cache is None or cache.get_seq_length() != prefix_ids.shape[1]:

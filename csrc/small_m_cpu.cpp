@@ -1,0 +1,1027 @@
+// Fused dequantize-and-multiply for a few rows of x (token-by-token decoding, M <= 16):
+//   y = x W^T + scaling * (x A^T) B^T + bias, W in the int8 / int4 / NF4 layouts of
+//   qlora_kernels/formats/tensor.py, decoded in registers and never written out.
+//
+// At small M the matmul is bound by reading W: a packed 4-bit weight is ~3.9x fewer bytes than
+// bf16, so decoding it while multiplying beats a dense GEMV. Every 4-bit format is a table
+// lookup: a group's 16 possible values (NF4 level * absmax, (q - 8) * s, or q * s + m, computed
+// with the reference's fp32 operations, so they equal the reference's decoded weights bit for
+// bit) fit one 512-bit register, and `vpermps` turns 16 codes into 16 weights at once. The
+// codes of a byte are (even, odd) columns, so x is reordered once per call into "even columns,
+// then odd columns" per vector, and the packed bytes need no shuffling.
+//
+// The AVX-512 micro-kernels work on tiles of up to 4 weight rows times up to 8 rows of x: each
+// x vector loaded serves every row of the tile, each decoded weight vector every row of x. The
+// packed weight is prefetched a few KB ahead (one core cannot keep enough misses in flight by
+// itself to read DRAM at full speed).
+//
+// Accumulation is fp32 (FMA) in a fixed order. Rows of W (N) are split across threads with
+// at::parallel_for in whole 4-row tiles, so each output is computed by one thread with the same
+// instructions whatever the thread count: results do not depend on it. The LoRA side path runs in
+// the same call: x A^T is computed once (and returned, the autograd function saves it), and B's
+// row is added in each output's epilogue, followed by the bias.
+//
+// Instruction sets, chosen at run time (the library's baseline is x86-64-v2): AVX-512
+// (vpermps over 16 lanes), AVX2 (two 8-lane vpermps and a blend, one weight row at a time), and a
+// portable scalar path. Not used: VNNI would need x quantized to int8, and avx512_bf16 dot
+// products would round the decoded weights to bf16, both breaking the fp32 reference's tolerance;
+// and at M = 1 the time goes to reading and decoding W, not to the multiplies they would speed up.
+//
+// Operators (schemas in TORCH_LIBRARY_FRAGMENT below):
+//   qlora_kernels::qlora_small_m(x, format, data, scales, mins?, levels?, nested_code?, absmax_scales?,
+//                                absmax_offset?, group_size, lora_a?, lora_b?, scaling, bias?, isa)
+//       -> (y (M, N) in x's dtype, xa = x A^T (M, r) fp32; (M, 0) without LoRA)
+//   qlora_kernels::small_m_isa() -> "avx512" | "avx2" | "scalar" (what isa="auto" uses here)
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define QK_X86 1
+#define QK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#define QK_AVX2 __attribute__((target("avx2,fma")))
+// Helpers of the micro-kernels must inline, or their accumulators go through memory.
+#define QK_INLINE inline __attribute__((always_inline))
+#else
+#define QK_X86 0
+#endif
+
+namespace qlora_kernels {
+namespace {
+
+constexpr int64_t kNestedBlock = 256;     // NF4 absmax values per fp32 scale (formats.NESTED_BLOCK)
+constexpr int64_t kMinMacsPerTask = 1 << 18;  // below this a task is not worth waking a thread
+constexpr int64_t kChunk = 32;            // weights per 16 packed bytes; every 4-bit group is a multiple
+constexpr int64_t kTileRows = 4;          // weight rows per tile (the largest tile of the micro-kernels)
+constexpr int64_t kGroupRows = 16;        // weight rows that share a block of x (a multiple of kTileRows)
+constexpr int64_t kXBlockBytes = 24 * 1024;  // a block of x this large stays in L1 (48 KB on Zen 5)
+// How far ahead in the packed weight to prefetch: rows are back to back, so this reaches the
+// next tiles' rows (8 KB: measured best of 1-16 KB, 1.5x over none for 4096x4096 at M = 1).
+constexpr int64_t kPrefetchBytes = 8192;
+
+enum class Isa { kScalar, kAvx2, kAvx512 };
+
+// A zero-filled fp32 buffer aligned to a cache line, so no vector load of it splits two lines.
+class Floats {
+ public:
+  explicit Floats(int64_t count = 0) { resize(count); }
+  void resize(int64_t count) {
+    const size_t bytes = ((std::max<int64_t>(count, 1) * sizeof(float) + 63) / 64) * 64;
+    data_.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+    TORCH_CHECK(data_ != nullptr, "qlora_small_m: out of memory allocating ", bytes, " bytes");
+    std::memset(data_.get(), 0, bytes);
+  }
+  float* data() { return data_.get(); }
+  float& operator[](int64_t i) { return data_.get()[i]; }
+
+ private:
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, Free> data_;
+};
+
+#if QK_X86
+Isa detect_isa() {
+  __builtin_cpu_init();  // may run before libgcc's own initialiser
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  return Isa::kScalar;
+}
+#else
+Isa detect_isa() { return Isa::kScalar; }
+#endif
+const Isa kBestIsa = detect_isa();
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+Isa parse_isa(const std::string& name) {
+  if (name == "auto") return kBestIsa;
+  Isa want;
+  if (name == "avx512") want = Isa::kAvx512;
+  else if (name == "avx2") want = Isa::kAvx2;
+  else if (name == "scalar") want = Isa::kScalar;
+  else TORCH_CHECK_VALUE(false, "qlora_small_m: isa must be 'auto', 'avx512', 'avx2' or 'scalar', got '", name, "'");
+  TORCH_CHECK_VALUE(static_cast<int>(want) <= static_cast<int>(kBestIsa), "qlora_small_m: isa='", name,
+                    "' is not supported by this CPU (best: '", isa_name(kBestIsa), "'); pass isa='auto'");
+  return want;
+}
+
+// ------------------------------------------------------------------------- the problem
+enum class Layout { kInt8, kInt4Affine, kInt4Symmetric, kNf4, kNf4DoubleQuant };
+
+struct Problem {
+  Layout layout;
+  int64_t m, n, k, group;
+  // weight
+  const int8_t* q8 = nullptr;            // int8 codes (N, K)
+  const uint8_t* q4 = nullptr;           // packed 4-bit codes (N, K/2)
+  const float* row_scales = nullptr;     // int8 (N,)
+  const c10::Half* half_scales = nullptr;  // int4 (N, K/G)
+  const c10::Half* half_mins = nullptr;    // int4 affine (N, K/G)
+  const float* absmax = nullptr;         // nf4 (N*K/G,)
+  const uint8_t* absmax_codes = nullptr;   // nf4 double quant (N*K/G,)
+  const float* nested_code = nullptr;      // (256,)
+  const float* absmax_scales = nullptr;    // (ceil(N*K/G / 256),)
+  float absmax_offset = 0.0f;
+  alignas(64) float base[16] = {};  // a code's value before the group scale: NF4 level, q - 8 or q
+  bool has_offset = false;          // int4 affine: + min after the scale
+  // activations
+  const float* x = nullptr;   // (M, K) fp32
+  const float* xp = nullptr;  // (M, K) fp32, columns reordered per vector (4-bit formats, SIMD paths)
+  // LoRA
+  int64_t r = 0;
+  const float* xa_scaled = nullptr;  // (M, r): scaling * x A^T
+  const float* lora_b = nullptr;     // (N, r)
+  // epilogue
+  const float* bias = nullptr;  // (N,) fp32, or none
+  float* out = nullptr;         // (M, N) fp32
+
+  int64_t groups() const { return k / group; }
+  bool four_bit() const { return layout != Layout::kInt8; }
+};
+
+// The fp32 scale (and int4 affine's min) of `count` consecutive groups from group index `first`
+// (row r's groups are r * K/G ... (r + 1) * K/G - 1), with the reference's operations.
+void group_params(const Problem& p, int64_t first, int64_t count, float* scale, float* offset) {
+  switch (p.layout) {
+    case Layout::kInt4Affine:
+      for (int64_t g = 0; g < count; ++g) offset[g] = static_cast<float>(p.half_mins[first + g]);
+      [[fallthrough]];
+    case Layout::kInt4Symmetric:
+      for (int64_t g = 0; g < count; ++g) scale[g] = static_cast<float>(p.half_scales[first + g]);
+      break;
+    case Layout::kNf4:
+      std::memcpy(scale, p.absmax + first, count * sizeof(float));
+      break;
+    case Layout::kNf4DoubleQuant:
+      // Reference: absmax = dynamic[code] * absmax_scales[block // 256] + absmax_offset.
+      for (int64_t g = 0; g < count; ++g) {
+        const int64_t b = first + g;
+        const float scaled = p.nested_code[p.absmax_codes[b]] * p.absmax_scales[b / kNestedBlock];
+        scale[g] = scaled + p.absmax_offset;
+      }
+      break;
+    case Layout::kInt8: break;
+  }
+}
+
+// Split the sum of M rows into passes of at most `most` rows, as even as possible.
+inline int pass_rows(int64_t m, int64_t m0, int most) {
+  const int64_t passes = (m + most - 1) / most;
+  const int64_t per = (m + passes - 1) / passes;
+  return static_cast<int>(std::min<int64_t>(per, m - m0));
+}
+
+// ------------------------------------------------------------------------------ scalar
+// The portable path: plain loops, one accumulator, the same decoded values.
+void rows_scalar(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t k = p.k;
+  const int64_t groups = p.four_bit() ? p.groups() : 0;
+  Floats scale(groups), offset(groups), tables(groups * 16);
+  for (int64_t row = r0; row < r1; ++row) {
+    if (p.four_bit()) {
+      group_params(p, row * groups, groups, scale.data(), offset.data());
+      for (int64_t g = 0; g < groups; ++g)
+        for (int i = 0; i < 16; ++i) {
+          const float v = p.base[i] * scale[g];
+          tables[g * 16 + i] = p.has_offset ? v + offset[g] : v;
+        }
+    }
+    for (int64_t i = 0; i < p.m; ++i) {
+      const float* x = p.x + i * k;
+      float acc = 0.0f;
+      if (p.four_bit()) {
+        const uint8_t* q = p.q4 + row * (k / 2);
+        const int64_t group = p.group;
+        for (int64_t j0 = 0; j0 < k; j0 += group) {
+          const float* t = tables.data() + (j0 / group) * 16;
+          for (int64_t j = j0; j < j0 + group; j += 2) {
+            acc += t[q[j / 2] >> 4] * x[j];
+            acc += t[q[j / 2] & 0x0F] * x[j + 1];
+          }
+        }
+      } else {
+        const int8_t* q = p.q8 + row * k;
+        for (int64_t j = 0; j < k; ++j) acc += static_cast<float>(q[j]) * x[j];
+        acc *= p.row_scales[row];
+      }
+      for (int64_t j = 0; j < p.r; ++j) acc += p.xa_scaled[i * p.r + j] * p.lora_b[row * p.r + j];
+      if (p.bias) acc += p.bias[row];
+      p.out[i * p.n + row] = acc;
+    }
+  }
+}
+
+float dot_scalar(const float* a, const float* b, int64_t k) {
+  float acc = 0.0f;
+  for (int64_t j = 0; j < k; ++j) acc += a[j] * b[j];
+  return acc;
+}
+
+#if QK_X86
+// ----------------------------------------------------------------------------- AVX-512
+// 16 lanes; x is reordered per 32 columns as [16 even columns | 16 odd columns], matching the
+// high / low nibbles of 16 consecutive packed bytes. The micro-kernels compute a tile of R
+// consecutive weight rows times MT rows of x, so each x vector loaded serves R rows and each
+// decoded weight vector MT rows; U chunks are in flight, R * MT * U <= 8 (two accumulators each).
+constexpr int kMaxRowsAvx512 = 8;
+
+// Weight rows per tile for MT rows of x (at most 16 accumulators).
+constexpr int tile_rows_avx512(int mt) { return mt <= 2 ? 4 : mt <= 4 ? 2 : 1; }
+// Chunks in flight: enough independent accumulators (>= 8) to hide the FMA latency.
+constexpr int unroll_avx512(int r, int mt) { return r * mt >= 4 ? 1 : r * mt == 2 ? 2 : 4; }
+
+// Pairwise sum of COUNT vectors in a fixed order (unrolled at compile time, so they stay in registers).
+template <int COUNT>
+QK_AVX512 QK_INLINE __m512 tree_sum(const __m512* v) {
+  if constexpr (COUNT == 1) {
+    return v[0];
+  } else {
+    return _mm512_add_ps(tree_sum<COUNT / 2>(v), tree_sum<COUNT - COUNT / 2>(v + COUNT / 2));
+  }
+}
+
+// The 16 values of group g: base * scale (+ min), the reference's fp32 operations.
+QK_AVX512 QK_INLINE __m512 group_table(__m512 base, const float* scale, const float* offset, int64_t g) {
+  const __m512 t = _mm512_mul_ps(base, _mm512_set1_ps(scale[g]));
+  return offset ? _mm512_add_ps(t, _mm512_set1_ps(offset[g])) : t;
+}
+
+// One 32-column chunk of R weight rows (16 packed bytes each, `stride` bytes apart) times MT
+// rows of x, into acc[r][i][0 / 1] (even / odd columns).
+template <int R, int MT>
+QK_AVX512 QK_INLINE void chunk4_avx512(const uint8_t* q, int64_t stride, const __m512* table, const float* xp,
+                                    int64_t ldx, __m512 (*acc)[MT][2]) {
+  __m512 xe[MT], xo[MT];
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i) {
+    xe[i] = _mm512_loadu_ps(xp + i * ldx);
+    xo[i] = _mm512_loadu_ps(xp + i * ldx + 16);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * stride)));
+    // vpermps reads the low 4 bits of each index: the high nibble needs a shift, the low none.
+    const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table[r]);
+    const __m512 odd = _mm512_permutexvar_ps(codes, table[r]);
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i) {
+      acc[r][i][0] = _mm512_fmadd_ps(even, xe[i], acc[r][i][0]);
+      acc[r][i][1] = _mm512_fmadd_ps(odd, xo[i], acc[r][i][1]);
+    }
+  }
+}
+
+// Accumulates chunks c0 .. c1 - 1 of a tile's 4-bit weight rows times MT rows of x into `state`
+// (U chunks in flight, two accumulators each); CPG chunks per group (group_size / 32). Steps of
+// BLOCK chunks build each group's table once; c0 must be a multiple of BLOCK, so splitting K into
+// blocks changes nothing in the order of any sum. scale / offset hold the tile's groups row
+// after row (`groups` per row).
+template <int R, int MT, int CPG>
+QK_AVX512 QK_INLINE void dot4_range_avx512(const uint8_t* q, int64_t stride, __m512 base, const float* scale,
+                                           const float* offset, int64_t groups, const float* xp, int64_t ldx,
+                                           int64_t c0, int64_t c1, __m512 (*state)[R][MT][2]) {
+  constexpr int U = unroll_avx512(R, MT);
+  constexpr int BLOCK = U > CPG ? U : CPG;
+  __m512 acc[U][R][MT][2];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MT; ++i) acc[u][r][i][0] = state[u][r][i][0], acc[u][r][i][1] = state[u][r][i][1];
+  __m512 table[R];
+  int64_t c = c0;
+  for (; c + BLOCK <= c1; c += BLOCK) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(q + r * stride + c * 16 + kPrefetchBytes), _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int g = 0; g < BLOCK / CPG; ++g) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+        table[r] = group_table(base, scale + r * groups, offset ? offset + r * groups : nullptr, c / CPG + g);
+#pragma GCC unroll 8
+      for (int j = 0; j < CPG; ++j) {
+        const int64_t cc = c + g * CPG + j;
+        chunk4_avx512<R, MT>(q + cc * 16, stride, table, xp + cc * kChunk, ldx, acc[(g * CPG + j) % U]);
+      }
+    }
+  }
+  for (; c < c1; ++c) {
+    for (int r = 0; r < R; ++r)
+      table[r] = group_table(base, scale + r * groups, offset ? offset + r * groups : nullptr, c / CPG);
+    chunk4_avx512<R, MT>(q + c * 16, stride, table, xp + c * kChunk, ldx, acc[0]);
+  }
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MT; ++i) state[u][r][i][0] = acc[u][r][i][0], state[u][r][i][1] = acc[u][r][i][1];
+}
+
+// The accumulators of a tile summed in a fixed order: sums[r][i] = x_i . W_r.
+template <int R, int MT>
+QK_AVX512 QK_INLINE void tile_sums_avx512(__m512 (*state)[R][MT][2], __m512 (*sums)[MT]) {
+  constexpr int U = unroll_avx512(R, MT);
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MT; ++i) {
+      __m512 all[2 * U];
+      for (int u = 0; u < U; ++u) {
+        all[2 * u] = state[u][r][i][0];
+        all[2 * u + 1] = state[u][r][i][1];
+      }
+      sums[r][i] = tree_sum<2 * U>(all);
+    }
+}
+
+// sums[r][i] = x_i . W_r over the whole rows of a 4-bit tile.
+template <int R, int MT, int CPG>
+QK_AVX512 void dot4_avx512(const uint8_t* q, int64_t stride, __m512 base, const float* scale, const float* offset,
+                           int64_t groups, const float* xp, int64_t ldx, int64_t chunks, __m512 (*sums)[MT]) {
+  constexpr int U = unroll_avx512(R, MT);
+  __m512 state[U][R][MT][2];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MT; ++i) state[u][r][i][0] = state[u][r][i][1] = _mm512_setzero_ps();
+  dot4_range_avx512<R, MT, CPG>(q, stride, base, scale, offset, groups, xp, ldx, 0, chunks, state);
+  tile_sums_avx512<R, MT>(state, sums);
+}
+
+// sums[r][i] = x_i . q_r over int8 rows (the row scale is applied by the caller).
+template <int R, int MT>
+QK_AVX512 void dot8_avx512(const int8_t* q, int64_t stride, const float* x, int64_t ldx, int64_t k,
+                           __m512 (*sums)[MT]) {
+  constexpr int U = 2 * unroll_avx512(R, MT);
+  __m512 acc[U][R][MT];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MT; ++i) acc[u][r][i] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 * U <= k; j += 16 * U) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(q + r * stride + j + kPrefetchBytes), _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      __m512 xv[MT];
+#pragma GCC unroll 8
+      for (int i = 0; i < MT; ++i) xv[i] = _mm512_loadu_ps(x + i * ldx + j + 16 * u);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m512 w = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * stride + j + 16 * u))));
+#pragma GCC unroll 8
+        for (int i = 0; i < MT; ++i) acc[u][r][i] = _mm512_fmadd_ps(w, xv[i], acc[u][r][i]);
+      }
+    }
+  }
+  for (; j + 16 <= k; j += 16) {
+    for (int r = 0; r < R; ++r) {
+      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * stride + j));
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+      for (int i = 0; i < MT; ++i) acc[0][r][i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + i * ldx + j), acc[0][r][i]);
+    }
+  }
+  if (j < k) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (k - j)) - 1);
+    for (int r = 0; r < R; ++r) {
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + r * stride + j)));
+      for (int i = 0; i < MT; ++i)
+        acc[0][r][i] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, x + i * ldx + j), acc[0][r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MT; ++i) {
+      __m512 all[U];
+      for (int u = 0; u < U; ++u) all[u] = acc[u][r][i];
+      sums[r][i] = tree_sum<U>(all);
+    }
+}
+
+// v + B[row] . xa_scaled[i] (the LoRA term), reduced to one float.
+QK_AVX512 QK_INLINE float lora_reduce_avx512(const Problem& p, int64_t row, int64_t i, __m512 v) {
+  const float* b = p.lora_b + row * p.r;
+  const float* xa = p.xa_scaled + i * p.r;
+  for (int64_t j = 0; j < p.r; j += 16) {
+    const __mmask16 mask = p.r - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (p.r - j)) - 1);
+    v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, b + j), _mm512_maskz_loadu_ps(mask, xa + j), v);
+  }
+  return _mm512_reduce_add_ps(v);
+}
+
+// table[codes] for a 256-entry table: eight 32-entry two-register permutes, then pick by bits 5-7
+// (cheaper than a gather here).
+QK_AVX512 QK_INLINE __m512 lookup256_avx512(const float* table, __m512i codes) {
+  __m512 part[8];
+  for (int j = 0; j < 8; ++j)
+    part[j] = _mm512_permutex2var_ps(_mm512_loadu_ps(table + 32 * j), codes, _mm512_loadu_ps(table + 32 * j + 16));
+  const __mmask16 bit5 = _mm512_test_epi32_mask(codes, _mm512_set1_epi32(32));
+  const __mmask16 bit6 = _mm512_test_epi32_mask(codes, _mm512_set1_epi32(64));
+  const __mmask16 bit7 = _mm512_test_epi32_mask(codes, _mm512_set1_epi32(128));
+  for (int j = 0; j < 4; ++j) part[j] = _mm512_mask_blend_ps(bit5, part[2 * j], part[2 * j + 1]);
+  for (int j = 0; j < 2; ++j) part[j] = _mm512_mask_blend_ps(bit6, part[2 * j], part[2 * j + 1]);
+  return _mm512_mask_blend_ps(bit7, part[0], part[1]);
+}
+
+// group_params for the 4-bit formats, 16 groups at a time.
+QK_AVX512 void group_params_avx512(const Problem& p, int64_t first, int64_t count, float* scale, float* offset) {
+  for (int64_t g = 0; g < count; g += 16) {
+    const __mmask16 mask = count - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (count - g)) - 1);
+    const int64_t b0 = first + g;
+    if (p.layout == Layout::kNf4DoubleQuant) {
+      // absmax = dynamic[code] * absmax_scales[block // 256] + absmax_offset
+      const __m512 nested = lookup256_avx512(
+          p.nested_code, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, p.absmax_codes + b0)));
+      // 16 consecutive blocks span at most two nested blocks: pick between their two scales.
+      const int64_t in_block = b0 % kNestedBlock;
+      const float* nested_scale = p.absmax_scales + b0 / kNestedBlock;
+      const __m512 s0 = _mm512_set1_ps(nested_scale[0]);
+      const bool spans_two = in_block + std::min<int64_t>(16, count - g) > kNestedBlock;
+      const __m512 s1 = spans_two ? _mm512_set1_ps(nested_scale[1]) : s0;
+      const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(in_block)),
+                                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+      const __mmask16 second = _mm512_cmpge_epi32_mask(lanes, _mm512_set1_epi32(static_cast<int>(kNestedBlock)));
+      const __m512 scaled = _mm512_mul_ps(nested, _mm512_mask_blend_ps(second, s0, s1));
+      _mm512_mask_storeu_ps(scale + g, mask, _mm512_add_ps(scaled, _mm512_set1_ps(p.absmax_offset)));
+    } else if (p.layout == Layout::kNf4) {
+      _mm512_mask_storeu_ps(scale + g, mask, _mm512_maskz_loadu_ps(mask, p.absmax + b0));
+    } else {  // int4: fp16 scales (and mins) to fp32, exactly
+      const auto* s16 = reinterpret_cast<const uint16_t*>(p.half_scales + b0);
+      _mm512_mask_storeu_ps(scale + g, mask, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, s16)));
+      if (p.has_offset) {
+        const auto* m16 = reinterpret_cast<const uint16_t*>(p.half_mins + b0);
+        _mm512_mask_storeu_ps(offset + g, mask, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m16)));
+      }
+    }
+  }
+}
+
+// LoRA, bias, and the store into p.out of a tile's sums.
+template <int R, int MT>
+QK_AVX512 QK_INLINE void finish_tile_avx512(const Problem& p, int64_t row, int64_t m0, __m512 (*sums)[MT]) {
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MT; ++i) {
+      float v = lora_reduce_avx512(p, row + r, m0 + i, sums[r][i]);
+      if (p.bias) v += p.bias[row + r];
+      p.out[(m0 + i) * p.n + row + r] = v;
+    }
+}
+
+// A tile of R weight rows from `row` times MT rows of x from m0, finished into p.out.
+template <int R, int MT>
+QK_AVX512 void tile_avx512(const Problem& p, int64_t row, int64_t m0, const float* scale, const float* offset) {
+  __m512 sums[R][MT];
+  if (p.four_bit()) {
+    const __m512 base = _mm512_load_ps(p.base);
+    const int64_t stride = p.k / 2, groups = p.groups(), chunks = p.k / kChunk;
+    const uint8_t* q = p.q4 + row * stride;
+    const float* xp = p.xp + m0 * p.k;
+    switch (p.group / kChunk) {
+      case 1: dot4_avx512<R, MT, 1>(q, stride, base, scale, offset, groups, xp, p.k, chunks, sums); break;
+      case 2: dot4_avx512<R, MT, 2>(q, stride, base, scale, offset, groups, xp, p.k, chunks, sums); break;
+      case 4: dot4_avx512<R, MT, 4>(q, stride, base, scale, offset, groups, xp, p.k, chunks, sums); break;
+      default: dot4_avx512<R, MT, 8>(q, stride, base, scale, offset, groups, xp, p.k, chunks, sums); break;
+    }
+  } else {
+    dot8_avx512<R, MT>(p.q8 + row * p.k, p.k, p.x + m0 * p.k, p.k, p.k, sums);
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_set1_ps(p.row_scales[row + r]);
+      for (int i = 0; i < MT; ++i) sums[r][i] = _mm512_mul_ps(sums[r][i], s);
+    }
+  }
+  finish_tile_avx512<R, MT>(p, row, m0, sums);
+}
+
+// Rows `row` .. `row + rows - 1` (rows <= R) for MT rows of x: full tiles, then single rows.
+template <int MT>
+QK_AVX512 void pass_avx512(const Problem& p, int64_t row, int64_t rows, int64_t m0, const float* scale,
+                           const float* offset) {
+  constexpr int R = tile_rows_avx512(MT);
+  const int64_t groups = p.four_bit() ? p.groups() : 0;
+  if (rows == R) {
+    tile_avx512<R, MT>(p, row, m0, scale, offset);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    tile_avx512<1, MT>(p, row + r, m0, scale + r * groups, offset ? offset + r * groups : nullptr);
+}
+
+
+// Chunks per K block for MT rows of x: the block of x stays in L1 while every row of a group
+// reads it (a multiple of 8, so of every BLOCK). K in one block when it fits.
+inline int64_t block_chunks(int mt, int64_t chunks) {
+  const int64_t fit = std::max<int64_t>(8, kXBlockBytes / (mt * kChunk * sizeof(float)) / 8 * 8);
+  return chunks <= fit ? chunks : fit;
+}
+
+// The 4-bit rows `row` .. `row + rows - 1` (a multiple of R) for MT rows of x, K block by K block:
+// each block of x is read from memory once for all rows instead of once per row.
+template <int MT, int R>
+QK_AVX512 void blocked_rows_avx512(const Problem& p, int64_t row, int64_t rows, int64_t m0, const float* scale,
+                                   const float* offset, int64_t step) {
+  constexpr int U = unroll_avx512(R, MT);
+  const int64_t stride = p.k / 2, groups = p.groups(), chunks = p.k / kChunk;
+  const __m512 base = _mm512_load_ps(p.base);
+  const float* xp = p.xp + m0 * p.k;
+  __m512 state[kGroupRows / R][U][R][MT][2];
+  const int64_t tiles = rows / R;
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < MT; ++i) state[t][u][r][i][0] = state[t][u][r][i][1] = _mm512_setzero_ps();
+  for (int64_t c0 = 0; c0 < chunks; c0 += step) {
+    const int64_t c1 = std::min(c0 + step, chunks);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const uint8_t* q = p.q4 + (row + t * R) * stride;
+      const float* sc = scale + t * R * groups;
+      const float* of = offset ? offset + t * R * groups : nullptr;
+      switch (p.group / kChunk) {
+        case 1: dot4_range_avx512<R, MT, 1>(q, stride, base, sc, of, groups, xp, p.k, c0, c1, state[t]); break;
+        case 2: dot4_range_avx512<R, MT, 2>(q, stride, base, sc, of, groups, xp, p.k, c0, c1, state[t]); break;
+        case 4: dot4_range_avx512<R, MT, 4>(q, stride, base, sc, of, groups, xp, p.k, c0, c1, state[t]); break;
+        default: dot4_range_avx512<R, MT, 8>(q, stride, base, sc, of, groups, xp, p.k, c0, c1, state[t]); break;
+      }
+    }
+  }
+  for (int64_t t = 0; t < tiles; ++t) {
+    __m512 sums[R][MT];
+    tile_sums_avx512<R, MT>(state[t], sums);
+    finish_tile_avx512<R, MT>(p, row + t * R, m0, sums);
+  }
+}
+
+// A group of rows for MT rows of x in K blocks: whole tiles, then the rows left one by one.
+template <int MT>
+QK_AVX512 void blocked_pass_avx512(const Problem& p, int64_t row, int64_t rows, int64_t m0, const float* scale,
+                                   const float* offset, int64_t step) {
+  constexpr int R = tile_rows_avx512(MT);
+  const int64_t whole = rows / R * R, groups = p.groups();
+  if (whole) blocked_rows_avx512<MT, R>(p, row, whole, m0, scale, offset, step);
+  if (rows > whole)
+    blocked_rows_avx512<MT, 1>(p, row + whole, rows - whole, m0, scale + whole * groups,
+                               offset ? offset + whole * groups : nullptr, step);
+}
+
+QK_AVX512 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t groups = p.four_bit() ? p.groups() : 0;
+  Floats scale(kGroupRows * groups), offset(kGroupRows * groups);
+  for (int64_t row = r0; row < r1; row += kGroupRows) {
+    const int64_t rows = std::min<int64_t>(kGroupRows, r1 - row);
+    if (p.four_bit()) group_params_avx512(p, row * groups, rows * groups, scale.data(), offset.data());
+    const float* off = p.has_offset ? offset.data() : nullptr;
+    for (int64_t m0 = 0; m0 < p.m;) {
+      const int mt = pass_rows(p.m, m0, kMaxRowsAvx512);
+      const int64_t step = p.four_bit() ? block_chunks(mt, p.k / kChunk) : 0;
+      if (p.four_bit() && step < p.k / kChunk) {
+        switch (mt) {
+          case 1: blocked_pass_avx512<1>(p, row, rows, m0, scale.data(), off, step); break;
+          case 2: blocked_pass_avx512<2>(p, row, rows, m0, scale.data(), off, step); break;
+          case 3: blocked_pass_avx512<3>(p, row, rows, m0, scale.data(), off, step); break;
+          case 4: blocked_pass_avx512<4>(p, row, rows, m0, scale.data(), off, step); break;
+          case 5: blocked_pass_avx512<5>(p, row, rows, m0, scale.data(), off, step); break;
+          case 6: blocked_pass_avx512<6>(p, row, rows, m0, scale.data(), off, step); break;
+          case 7: blocked_pass_avx512<7>(p, row, rows, m0, scale.data(), off, step); break;
+          default: blocked_pass_avx512<8>(p, row, rows, m0, scale.data(), off, step); break;
+        }
+        m0 += mt;
+        continue;
+      }
+      const int tile = mt <= 2 ? 4 : mt <= 4 ? 2 : 1;  // tile_rows_avx512(mt)
+      for (int64_t t = 0; t < rows; t += tile) {
+        const int64_t n = std::min<int64_t>(tile, rows - t);
+        const float* sc = scale.data() + t * groups;
+        const float* of = off ? off + t * groups : nullptr;
+        switch (mt) {
+          case 1: pass_avx512<1>(p, row + t, n, m0, sc, of); break;
+          case 2: pass_avx512<2>(p, row + t, n, m0, sc, of); break;
+          case 3: pass_avx512<3>(p, row + t, n, m0, sc, of); break;
+          case 4: pass_avx512<4>(p, row + t, n, m0, sc, of); break;
+          case 5: pass_avx512<5>(p, row + t, n, m0, sc, of); break;
+          case 6: pass_avx512<6>(p, row + t, n, m0, sc, of); break;
+          case 7: pass_avx512<7>(p, row + t, n, m0, sc, of); break;
+          default: pass_avx512<8>(p, row + t, n, m0, sc, of); break;
+        }
+      }
+      m0 += mt;
+    }
+  }
+}
+
+QK_AVX512 float dot_avx512(const float* a, const float* b, int64_t k) {
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t j = 0;
+  for (; j + 64 <= k; j += 64)
+    for (int u = 0; u < 4; ++u)
+      acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16 * u), _mm512_loadu_ps(b + j + 16 * u), acc[u]);
+  for (; j < k; j += 16) {
+    const __mmask16 mask = k - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - j)) - 1);
+    acc[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + j), _mm512_maskz_loadu_ps(mask, b + j), acc[0]);
+  }
+  return _mm512_reduce_add_ps(tree_sum<4>(acc));
+}
+
+// -------------------------------------------------------------------------------- AVX2
+// 8 lanes; x is reordered per 16 columns as [8 even | 8 odd]. A 16-entry table is two 8-lane
+// halves: look a code up in both and pick by its bit 3.
+constexpr int kMaxRowsAvx2 = 4;
+
+QK_AVX2 QK_INLINE __m256 lookup_avx2(__m256 lo, __m256 hi, __m256i codes) {
+  const __m256 pick_hi = _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28));  // bit 3 -> sign bit
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, codes), _mm256_permutevar8x32_ps(hi, codes), pick_hi);
+}
+
+QK_AVX2 QK_INLINE float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int MT>
+QK_AVX2 QK_INLINE void dot4_avx2(const uint8_t* q, const float* tables, int shift, const float* xp, int64_t ldx,
+                              int64_t chunks, __m256* sums) {
+  __m256 acc[MT][2];
+  for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    _mm_prefetch(reinterpret_cast<const char*>(q + c * 16 + kPrefetchBytes), _MM_HINT_T0);
+    const float* t = tables + (c >> shift) * 16;
+    const __m256 lo = _mm256_loadu_ps(t);
+    const __m256 hi = _mm256_loadu_ps(t + 8);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m256i codes =
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + c * 16 + 8 * h)));
+      const __m256 even = lookup_avx2(lo, hi, _mm256_srli_epi32(codes, 4));
+      const __m256 odd = lookup_avx2(lo, hi, codes);
+#pragma GCC unroll 4
+      for (int i = 0; i < MT; ++i) {
+        const float* xm = xp + i * ldx + c * kChunk + 16 * h;
+        acc[i][h] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xm), acc[i][h]);
+        acc[i][h] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xm + 8), acc[i][h]);
+      }
+    }
+  }
+  for (int i = 0; i < MT; ++i) sums[i] = _mm256_add_ps(acc[i][0], acc[i][1]);
+}
+
+template <int MT>
+QK_AVX2 QK_INLINE void dot8_avx2(const int8_t* q, const float* x, int64_t ldx, int64_t k, __m256* sums) {
+  __m256 acc[MT][2];
+  for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= k; j += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(q + j + kPrefetchBytes), _MM_HINT_T0);
+#pragma GCC unroll 2
+    for (int u = 0; u < 2; ++u) {
+      const __m256 w = _mm256_cvtepi32_ps(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j + 8 * u))));
+#pragma GCC unroll 4
+      for (int i = 0; i < MT; ++i)
+        acc[i][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * ldx + j + 8 * u), acc[i][u]);
+    }
+  }
+  for (; j < k; j += 8) {  // the tail, zero-padded to a vector
+    alignas(32) int32_t qt[8] = {};
+    alignas(32) float xt[MT][8] = {};
+    for (int64_t t = 0; t < 8 && j + t < k; ++t) {
+      qt[t] = q[j + t];
+      for (int i = 0; i < MT; ++i) xt[i][t] = x[i * ldx + j + t];
+    }
+    const __m256 w = _mm256_cvtepi32_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(qt)));
+    for (int i = 0; i < MT; ++i) acc[i][0] = _mm256_fmadd_ps(w, _mm256_load_ps(xt[i]), acc[i][0]);
+  }
+  for (int i = 0; i < MT; ++i) sums[i] = _mm256_add_ps(acc[i][0], acc[i][1]);
+}
+
+QK_AVX2 QK_INLINE __m256i tail_mask_avx2(int64_t count) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(count, 8))), lanes);
+}
+
+QK_AVX2 QK_INLINE float lora_reduce_avx2(const Problem& p, int64_t row, int64_t i, __m256 v) {
+  const float* b = p.lora_b + row * p.r;
+  const float* xa = p.xa_scaled + i * p.r;
+  for (int64_t j = 0; j < p.r; j += 8) {
+    const __m256i mask = tail_mask_avx2(p.r - j);
+    v = _mm256_fmadd_ps(_mm256_maskload_ps(b + j, mask), _mm256_maskload_ps(xa + j, mask), v);
+  }
+  return hsum_avx2(v);
+}
+
+template <int MT>
+QK_AVX2 void pass_avx2(const Problem& p, int64_t row, int64_t m0, const float* tables, int shift) {
+  __m256 sums[MT];
+  if (p.four_bit()) {
+    dot4_avx2<MT>(p.q4 + row * (p.k / 2), tables, shift, p.xp + m0 * p.k, p.k, p.k / kChunk, sums);
+  } else {
+    dot8_avx2<MT>(p.q8 + row * p.k, p.x + m0 * p.k, p.k, p.k, sums);
+    const __m256 s = _mm256_set1_ps(p.row_scales[row]);
+    for (int i = 0; i < MT; ++i) sums[i] = _mm256_mul_ps(sums[i], s);
+  }
+  for (int i = 0; i < MT; ++i) {
+    float v = lora_reduce_avx2(p, row, m0 + i, sums[i]);
+    if (p.bias) v += p.bias[row];
+    p.out[(m0 + i) * p.n + row] = v;
+  }
+}
+
+QK_AVX2 void rows_avx2(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t groups = p.four_bit() ? p.groups() : 0;
+  const bool has_offset = p.has_offset;
+  Floats scale(groups), offset(groups), tables(groups * 16);
+  int shift = 0;
+  while ((kChunk << shift) < p.group) ++shift;
+  const __m256 base_lo = _mm256_load_ps(p.base);
+  const __m256 base_hi = _mm256_load_ps(p.base + 8);
+  for (int64_t row = r0; row < r1; ++row) {
+    if (p.four_bit()) {
+      group_params(p, row * groups, groups, scale.data(), offset.data());
+      for (int64_t g = 0; g < groups; ++g) {  // base * scale (+ min), as the reference
+        const __m256 s = _mm256_set1_ps(scale[g]);
+        __m256 lo = _mm256_mul_ps(base_lo, s);
+        __m256 hi = _mm256_mul_ps(base_hi, s);
+        if (has_offset) {
+          const __m256 m = _mm256_set1_ps(offset[g]);
+          lo = _mm256_add_ps(lo, m);
+          hi = _mm256_add_ps(hi, m);
+        }
+        _mm256_store_ps(tables.data() + g * 16, lo);
+        _mm256_store_ps(tables.data() + g * 16 + 8, hi);
+      }
+    }
+    for (int64_t m0 = 0; m0 < p.m;) {
+      const int mt = pass_rows(p.m, m0, kMaxRowsAvx2);
+      switch (mt) {
+        case 1: pass_avx2<1>(p, row, m0, tables.data(), shift); break;
+        case 2: pass_avx2<2>(p, row, m0, tables.data(), shift); break;
+        case 3: pass_avx2<3>(p, row, m0, tables.data(), shift); break;
+        default: pass_avx2<4>(p, row, m0, tables.data(), shift); break;
+      }
+      m0 += mt;
+    }
+  }
+}
+
+QK_AVX2 float dot_avx2(const float* a, const float* b, int64_t k) {
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t j = 0;
+  for (; j + 16 <= k; j += 16)
+    for (int u = 0; u < 2; ++u)
+      acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8 * u), _mm256_loadu_ps(b + j + 8 * u), acc[u]);
+  for (; j < k; j += 8) {
+    const __m256i mask = tail_mask_avx2(k - j);
+    acc[0] = _mm256_fmadd_ps(_mm256_maskload_ps(a + j, mask), _mm256_maskload_ps(b + j, mask), acc[0]);
+  }
+  return hsum_avx2(_mm256_add_ps(acc[0], acc[1]));
+}
+#endif  // QK_X86
+
+// ------------------------------------------------------------------------- dispatching
+using RowsFn = void (*)(const Problem&, int64_t, int64_t);
+using DotFn = float (*)(const float*, const float*, int64_t);
+
+RowsFn rows_fn(Isa isa) {
+#if QK_X86
+  if (isa == Isa::kAvx512) return rows_avx512;
+  if (isa == Isa::kAvx2) return rows_avx2;
+#endif
+  return rows_scalar;
+}
+
+DotFn dot_fn(Isa isa) {
+#if QK_X86
+  if (isa == Isa::kAvx512) return dot_avx512;
+  if (isa == Isa::kAvx2) return dot_avx2;
+#endif
+  return dot_scalar;
+}
+
+// Columns of each row reordered per block of 2 * lanes as [even columns | odd columns].
+void reorder_even_odd(const float* x, float* out, int64_t m, int64_t k, int64_t lanes) {
+  const int64_t block = 2 * lanes;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t b = 0; b < k; b += block)
+      for (int64_t j = 0; j < lanes; ++j) {
+        out[i * k + b + j] = x[i * k + b + 2 * j];
+        out[i * k + b + lanes + j] = x[i * k + b + 2 * j + 1];
+      }
+}
+
+template <typename T>
+void to_float(const T* src, float* dst, int64_t count) {
+  for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+template <typename Fn>
+void dispatch_float(at::ScalarType t, const Fn& fn) {
+  switch (t) {
+    case at::kFloat: fn(float{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    default: TORCH_CHECK(false, "unreachable: the dtype was checked");
+  }
+}
+
+bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+void check_group(const char* op, int64_t group, int64_t k) {
+  TORCH_CHECK_VALUE(group == 32 || group == 64 || group == 128 || group == 256, op,
+                    ": group_size must be one of (32, 64, 128, 256), got ", group);
+  TORCH_CHECK_VALUE(k % group == 0, op, ": group_size=", group, " does not divide in_features K=", k);
+}
+
+// ------------------------------------------------------------------------------ the op
+std::tuple<at::Tensor, at::Tensor> qlora_small_m(
+    const at::Tensor& x, const std::string& format, const at::Tensor& data, const at::Tensor& scales,
+    const std::optional<at::Tensor>& mins, const std::optional<at::Tensor>& levels,
+    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& absmax_scales,
+    const std::optional<at::Tensor>& absmax_offset, int64_t group_size, const std::optional<at::Tensor>& lora_a,
+    const std::optional<at::Tensor>& lora_b, double scaling, const std::optional<at::Tensor>& bias,
+    const std::string& isa_name_arg) {
+  constexpr const char* op = "qlora_small_m (native)";
+  const Isa isa = parse_isa(isa_name_arg);
+  TORCH_CHECK_TYPE(is_float_type(x.scalar_type()), op,
+                   ": x must be torch.float32, torch.bfloat16 or torch.float16, got ", py_dtype(x.scalar_type()));
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.device().is_cpu() && x.is_contiguous(), op,
+                    ": x must be a contiguous 2-D (M, K) CPU tensor, got shape ", py_shape(x.sizes()), " on ",
+                    x.device());
+  TORCH_CHECK_VALUE(data.dim() == 2, op, ": 'data' must be 2-D, got shape ", py_shape(data.sizes()));
+  Problem p;
+  p.m = x.size(0);
+  p.k = x.size(1);
+  p.n = data.size(0);
+  const int64_t n = p.n, k = p.k;
+  const int64_t weight_k = format == "int8" ? data.size(1) : 2 * data.size(1);
+  TORCH_CHECK_VALUE(k == weight_k, op, ": x has ", k, " columns but the weight has in_features K=", weight_k,
+                    "; x must be (M, K)");
+  if (format == "int8") {
+    p.layout = Layout::kInt8;
+    p.group = k;
+    check_field(op, "data", data, at::kChar, {n, k});
+    check_field(op, "scales", scales, at::kFloat, {n});
+    p.q8 = data.data_ptr<int8_t>();
+    p.row_scales = scales.data_ptr<float>();
+  } else if (format == "int4" || format == "nf4") {
+    check_group(op, group_size, k);
+    p.group = group_size;
+    check_field(op, "data", data, at::kByte, {n, k / 2});
+    p.q4 = data.data_ptr<uint8_t>();
+    const int64_t groups = k / group_size;
+    if (format == "int4") {
+      check_field(op, "scales", scales, at::kHalf, {n, groups});
+      p.half_scales = scales.data_ptr<c10::Half>();
+      p.layout = mins ? Layout::kInt4Affine : Layout::kInt4Symmetric;
+      if (mins) {
+        check_field(op, "mins", *mins, at::kHalf, {n, groups});
+        p.half_mins = mins->data_ptr<c10::Half>();
+        p.has_offset = true;
+      }
+      for (int i = 0; i < 16; ++i) p.base[i] = mins ? static_cast<float>(i) : static_cast<float>(i) - 8.0f;
+    } else {
+      TORCH_CHECK_VALUE(levels.has_value(), op, ": nf4 needs the 16 NF4 levels (formats.nf4_table())");
+      check_field(op, "levels", *levels, at::kFloat, {16});
+      std::memcpy(p.base, levels->data_ptr<float>(), sizeof(p.base));
+      const int64_t blocks = n * groups;
+      const bool double_quant = absmax_scales.has_value();
+      TORCH_CHECK_VALUE(double_quant == nested_code.has_value() && double_quant == absmax_offset.has_value(), op,
+                        ": double quantization needs nested_code, absmax_scales and absmax_offset together "
+                        "(pass all three, or none for fp32 absmax)");
+      if (double_quant) {
+        p.layout = Layout::kNf4DoubleQuant;
+        check_field(op, "scales", scales, at::kByte, {blocks});
+        check_field(op, "nested_code", *nested_code, at::kFloat, {256});
+        check_field(op, "absmax_scales", *absmax_scales, at::kFloat, {(blocks + kNestedBlock - 1) / kNestedBlock});
+        check_field(op, "absmax_offset", *absmax_offset, at::kFloat, {1});
+        p.absmax_codes = scales.data_ptr<uint8_t>();
+        p.nested_code = nested_code->data_ptr<float>();
+        p.absmax_scales = absmax_scales->data_ptr<float>();
+        p.absmax_offset = *absmax_offset->data_ptr<float>();
+      } else {
+        p.layout = Layout::kNf4;
+        check_field(op, "scales", scales, at::kFloat, {blocks});
+        p.absmax = scales.data_ptr<float>();
+      }
+    }
+  } else {
+    TORCH_CHECK_VALUE(false, op, ": format must be 'int8', 'int4' or 'nf4', got '", format, "'");
+  }
+  TORCH_CHECK_VALUE(lora_a.has_value() == lora_b.has_value(), op, ": pass both lora_a and lora_b, or neither");
+  if (lora_a) {
+    TORCH_CHECK_VALUE(lora_a->dim() == 2, op, ": lora_a must be 2-D (r, K), got shape ", py_shape(lora_a->sizes()));
+    p.r = lora_a->size(0);
+    check_field(op, "lora_a", *lora_a, at::kFloat, {p.r, k});
+    check_field(op, "lora_b", *lora_b, at::kFloat, {n, p.r});
+    p.lora_b = lora_b->data_ptr<float>();
+  }
+  if (bias) {
+    TORCH_CHECK_TYPE(is_float_type(bias->scalar_type()), op, ": bias must be a float tensor, got ",
+                     py_dtype(bias->scalar_type()));
+    check_field(op, "bias", *bias, bias->scalar_type(), {n});
+  }
+
+  at::Tensor y = at::empty({p.m, n}, x.options());
+  at::Tensor xa = at::empty({p.m, p.r}, x.options().dtype(at::kFloat));
+  if (p.m == 0 || n == 0) return {y, xa};
+
+  // x in fp32, and reordered for the 4-bit SIMD paths.
+  Floats x32(p.m * k);
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    to_float(x.data_ptr<T>(), x32.data(), p.m * k);
+  });
+  p.x = x32.data();
+  Floats xp;
+  if (p.four_bit() && isa != Isa::kScalar) {
+    xp.resize(p.m * k);
+    reorder_even_odd(x32.data(), xp.data(), p.m, k, isa == Isa::kAvx512 ? 16 : 8);
+    p.xp = xp.data();
+  }
+
+  // LoRA: x A^T once, (M, r), each entry one fixed-order dot product.
+  Floats xa_scaled(p.m * p.r);
+  if (p.r) {
+    float* xa_out = xa.data_ptr<float>();
+    const float* a = lora_a->data_ptr<float>();
+    const DotFn dot = dot_fn(isa);
+    const float s = static_cast<float>(scaling);
+    at::parallel_for(0, p.m * p.r, std::max<int64_t>(1, kMinMacsPerTask / k), [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        xa_out[e] = dot(p.x + (e / p.r) * k, a + (e % p.r) * k, k);
+        xa_scaled[e] = s * xa_out[e];
+      }
+    });
+    p.xa_scaled = xa_scaled.data();
+  }
+
+  Floats bias32;
+  if (bias) {
+    bias32.resize(n);
+    dispatch_float(bias->scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      to_float(bias->data_ptr<T>(), bias32.data(), n);
+    });
+    p.bias = bias32.data();
+  }
+
+  // The rows of W across threads; each output is finished (LoRA, bias) in fp32 where computed,
+  // then rounded to x's dtype by the same thread.
+  const bool fp32_out = x.scalar_type() == at::kFloat;
+  Floats out32(fp32_out ? 0 : p.m * n);
+  p.out = fp32_out ? y.data_ptr<float>() : out32.data();
+  // Threads get whole tiles of kTileRows rows, so how rows group into tiles (and with it the
+  // order of every sum) does not depend on the thread count.
+  const RowsFn rows_kernel = rows_fn(isa);
+  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+  const int64_t grain = std::max<int64_t>(1, kMinMacsPerTask / (k * p.m * kTileRows));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    const int64_t r0 = t0 * kTileRows, r1 = std::min(t1 * kTileRows, n);
+    rows_kernel(p, r0, r1);
+    if (fp32_out) return;
+    dispatch_float(x.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* out = y.data_ptr<T>();
+      for (int64_t i = 0; i < p.m; ++i)
+        for (int64_t row = r0; row < r1; ++row) out[i * n + row] = static_cast<T>(p.out[i * n + row]);
+    });
+  });
+  return {y, xa};
+}
+
+std::string small_m_isa() { return isa_name(kBestIsa); }
+
+}  // namespace
+}  // namespace qlora_kernels
+
+TORCH_LIBRARY_FRAGMENT(qlora_kernels, m) {
+  m.def(
+      "qlora_small_m(Tensor x, str format, Tensor data, Tensor scales, Tensor? mins, Tensor? levels, "
+      "Tensor? nested_code, Tensor? absmax_scales, Tensor? absmax_offset, int group_size, Tensor? lora_a, "
+      "Tensor? lora_b, float scaling, Tensor? bias, str isa) -> (Tensor, Tensor)");
+  m.def("small_m_isa() -> str", &qlora_kernels::small_m_isa);
+}
+
+// CompositeExplicitAutograd, as the dequantize operators: CUDA tensors get the "run on the CPU" error.
+TORCH_LIBRARY_IMPL(qlora_kernels, CompositeExplicitAutograd, m) {
+  m.impl("qlora_small_m", &qlora_kernels::qlora_small_m);
+}
