@@ -274,3 +274,15 @@ def test_adapter_and_prompt_argument_types(make, exc, match):
 def test_quant_linear_bias_must_be_a_tensor():
     with pytest.raises(TypeError, match="bias must be a tensor"):
         qk.QuantLinear(qk.quantize(torch.randn(80, 96), "int8"), bias=[0.0] * 80)
+
+
+def test_quant_linear_reuses_its_weight_view_until_a_buffer_changes():
+    layer = qk.QuantLinear.from_linear(torch.nn.Linear(64, 32), "nf4")
+    first = layer.qweight
+    assert layer.qweight is first  # built once
+    other = qk.quantize(torch.randn(32, 64), "nf4")
+    layer.replace_weight(other)
+    assert layer.qweight is not first and torch.equal(layer.qweight.data, other.data)
+    moved = layer.qweight
+    layer.to("meta")
+    assert layer.qweight is not moved and layer.qweight.data.device.type == "meta"

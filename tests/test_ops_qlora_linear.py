@@ -179,3 +179,21 @@ def test_register_qlora_backend_makes_the_name_selectable(args, monkeypatch):
         qk.ops.register_qlora_backend("broken", object())
     with pytest.raises(ValueError, match="other than 'auto'"):
         qk.ops.register_qlora_backend("auto", module.TorchBackend("torch"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_without_gradients_the_forward_skips_autograd_and_gives_the_same_values(args, backend, monkeypatch):
+    from qlora_kernels.ops.native import native_available
+
+    if backend == "native" and not native_available():
+        pytest.skip("native extension not built")
+    qt, a, b, bias = args
+    x = torch.randn(3, 7, K)
+    with_grad = qk.qlora_linear(x.requires_grad_(), qt, a, b, 0.5, bias, backend=backend)
+    applied = []
+    monkeypatch.setattr(QLoRALinearFunction, "apply", lambda *args: applied.append(1))
+    with torch.no_grad():
+        without = qk.qlora_linear(x, qt, a, b, 0.5, bias, backend=backend)
+    plain = qk.qlora_linear(x.detach(), qt, a, b, 0.5, bias, backend=backend)  # nothing requires grad
+    assert applied == [] and not without.requires_grad
+    assert torch.equal(without, with_grad.detach()) and torch.equal(plain, without)

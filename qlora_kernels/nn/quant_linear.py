@@ -100,11 +100,22 @@ class QuantLinear(nn.Module):
 
     @property
     def qweight(self) -> QuantizedTensor:
-        """The packed weight as a `QuantizedTensor` (a view of the buffers, no copy)."""
+        """The packed weight as a `QuantizedTensor` (a view of the buffers, no copy).
+
+        Built once and reused while the buffers are the same tensor objects (decoding calls every
+        layer once per token, and building and validating the view costs several microseconds);
+        any buffer replaced (`.to`, `replace_weight`, `load_state_dict`) builds a new one.
+        """
         fields = {name: getattr(self, _PREFIX + name) for name in TENSOR_FIELDS}
-        return QuantizedTensor(
+        key = (self.format, self.group_size, self.symmetric, *(id(t) for t in fields.values()))
+        cached = self.__dict__.get("_qweight_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        qt = QuantizedTensor(
             self.format, (self.out_features, self.in_features), self.group_size, symmetric=self.symmetric, **fields
         )
+        self.__dict__["_qweight_cache"] = (key, qt)  # holds the buffers, so their ids cannot be reused meanwhile
+        return qt
 
     def replace_weight(self, qweight: QuantizedTensor) -> None:
         """Swap in a new packed weight of the same shape (used by merging), moved to this layer's device."""

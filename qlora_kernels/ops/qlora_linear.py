@@ -296,5 +296,8 @@ def qlora_linear(
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     with torch.autocast(device_type, enabled=False):
-        y = QLoRALinearFunction.apply(x2, lora_a, lora_b, bias, _Static(qt, float(scaling), impl))
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, lora_a, lora_b, bias)):
+            y = QLoRALinearFunction.apply(x2, lora_a, lora_b, bias, _Static(qt, float(scaling), impl))
+        else:  # nothing to differentiate (generation, evaluation): the backend's forward without autograd
+            y, _ = impl.forward(x2, qt, lora_a, lora_b, float(scaling), bias)
     return y.reshape(*lead, qt.shape[0])
