@@ -51,7 +51,12 @@ class QLoRABackend(Protocol):
     def forward(
         self, x: torch.Tensor, qt: QuantizedTensor, lora_a, lora_b, scaling: float, bias
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return (y (M, N) in x's dtype, xa = x @ A^T (M, r) in fp32 or None without LoRA)."""
+        """Return (y (M, N) in x's dtype, xa = x @ A^T (M, r) as an fp32 tensor, or None without LoRA).
+
+        xa is accumulated in fp32 by every backend. In the CPU's bf16 compute mode (see
+        `compute_policy`) it is then rounded to bf16 like every other product of that mode, as
+        PEFT's LoRA is under bf16 autocast; everywhere else it keeps its fp32 value.
+        """
 
     def grad_input(self, dy: torch.Tensor, qt: QuantizedTensor, lora_a, lora_b, scaling: float) -> torch.Tensor:
         """dX = dY @ W + scaling * (dY @ B) @ A, (M, K) in dy's dtype."""
