@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.sft import REPO_ROOT, child_env
+from benchmarks.sft import run_json_child
 
 SHARD_SIZE = "64MB"
 LOAD_RUNS = ["qk-nf4", "qk-int4", "qk-int8", "bnb-nf4", "dense-bf16"]
@@ -239,21 +237,7 @@ def save_checkpoint(folder: Path) -> Path:
 
 def run_child(spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     """One measurement in a fresh process; {"error": ...} instead of raising."""
-    try:
-        out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.ecosystem", "--child", json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=REPO_ROOT,
-            env=child_env(),
-        )
-    except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timed out after {timeout:.0f}s"}
-    if out.returncode != 0:
-        tail = [line for line in out.stderr.strip().splitlines() if line.strip()][-3:]
-        return {**spec, "error": " | ".join(tail) or f"exit code {out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json_child(["-m", "benchmarks.ecosystem", "--child"], spec, timeout)
 
 
 def interleaved(specs: list[dict[str, Any]], rounds: int) -> list[dict[str, Any]]:

@@ -61,11 +61,14 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_child(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
-    """Run one SFT measurement in a fresh process; {"error": ...} instead of raising when it fails."""
+def run_json_child(argv: list[str], spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run ``python <argv> '<spec as JSON>'`` from the repo root; its last stdout line is the JSON result.
+
+    A failure or a timeout gives ``{**spec, "error": ...}`` instead of raising, so a suite goes on.
+    """
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.sft_child", json.dumps(spec)],
+            [sys.executable, *argv, json.dumps(spec)],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -78,6 +81,11 @@ def run_child(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
         tail = [line for line in out.stderr.strip().splitlines() if line.strip()][-3:]
         return {**spec, "error": " | ".join(tail) or f"exit code {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_child(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+    """Run one SFT measurement in a fresh process (`benchmarks.sft_child`)."""
+    return run_json_child(["-m", "benchmarks.sft_child"], spec, timeout)
 
 
 def write_train_data(folder: Path, n_train: int = 1000) -> Path:
