@@ -176,6 +176,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 128 + result.signal_number
+    if not result.losses:
+        print(
+            f"nothing to train: the run in {cfg.output_dir} already reached step {result.step} of {result.max_steps} "
+            f"(adapter {result.adapter_dir}); to train on, raise max_steps and add --change-schedule"
+        )
+        return EXIT_OK
     print(
         f"done: {result.step} steps, loss {result.loss:.4f}, {result.train_seconds:.0f}s, adapter {result.adapter_dir}"
     )
