@@ -152,7 +152,7 @@ def _check_data(folder: Path, output: str) -> None:
 
 
 def _check_train(folder: Path, output: str) -> None:
-    assert "done: 20 steps" in output
+    assert "done: 10 steps" in output
     _files(folder, "out/expenses/adapter/adapter_model.safetensors", "out/expenses/metrics.jsonl")
 
 
@@ -162,7 +162,7 @@ def _check_eval(folder: Path, output: str) -> None:
 
 
 def _check_resume(folder: Path, output: str) -> None:
-    for expected in ("nothing to train", "resumed from", "done: 30 steps", "done: 20 steps"):
+    for expected in ("nothing to train", "resumed from", "done: 15 steps", "done: 10 steps"):
         assert expected in output
 
 
@@ -190,7 +190,7 @@ def _check_suite_help(folder: Path, output: str) -> None:
 #: What a block must print or leave behind beyond exit code 0, keyed by a pattern of its text.
 CHECKS: dict[str, Callable[[Path, str], None]] = {
     r"examples/expenses/generate\.py": _check_data,
-    r"--set max_steps=20$": _check_train,
+    r"--set max_steps=10$": _check_train,
     r"eval --adapter out/expenses/adapter": _check_eval,
     r"--resume --change-schedule": _check_resume,
     r"qlora-kernels merge": lambda folder, output: _files(folder, "out/merged/config.json"),
@@ -205,6 +205,16 @@ CHECKS: dict[str, Callable[[Path, str], None]] = {
     r"SFTTrainer": lambda folder, output: _files(folder, "out/trl/adapter/adapter_config.json"),
     r"benchmarks\.suite --suite": _check_suite_help,
 }
+
+
+def test_the_set_up_commands_are_the_ones_ci_runs():
+    """The README's two commands, word for word: the main job, and the test run .ci/run makes."""
+    blocks = [b.text.strip() for b in readme_blocks()]
+    assert blocks[:2] == [
+        "scripts/bootstrap.sh && .venv/bin/qlora-kernels demo --out out/demo",
+        "scripts/bootstrap.sh && .venv/bin/python -m pytest -q",
+    ]
+    assert blocks[1] in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
 
 
 def test_the_readme_has_the_blocks_this_test_expects():
