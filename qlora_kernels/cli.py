@@ -70,7 +70,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        empty = action.default in (None, False, [], "", argparse.SUPPRESS)
+        # by identity for None/False: 0 == False, and a default of 0 (--seed, --temperature) is worth showing
+        empty = action.default is None or action.default is False or action.default in ([], "", argparse.SUPPRESS)
         if "%(default)" in text or empty or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
@@ -175,6 +176,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 128 + result.signal_number
+    if not result.losses:
+        print(
+            f"nothing to train: the run in {cfg.output_dir} already reached step {result.step} of {result.max_steps} "
+            f"(adapter {result.adapter_dir}); to train on, raise max_steps and add --change-schedule"
+        )
+        return EXIT_OK
     print(
         f"done: {result.step} steps, loss {result.loss:.4f}, {result.train_seconds:.0f}s, adapter {result.adapter_dir}"
     )
@@ -484,7 +491,10 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="adapter folder written by train (output_dir/adapter)")
     parser.add_argument("--model", help="base model (default: the run's model from train_config.json, else SmolLM2)")
     parser.add_argument(
-        "--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="compute dtype (auto: the adapter's)"
+        "--dtype",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="compute dtype of the quantized base (auto: the one the adapter was trained with)",
     )
     parser.add_argument("--system", help="system prompt (default: the chat template's)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (>= 1)")

@@ -11,7 +11,7 @@ from train_support import tiny_model_dir, write_expense_data
 from qlora_kernels.cli import EXIT_USAGE, main
 
 
-@pytest.mark.parametrize("command", [[], ["info"], ["train"], ["eval"], ["merge"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["info"], ["train"], ["eval"], ["merge"], ["demo"], ["generate"], ["chat"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -69,7 +69,8 @@ def _help(command: list[str], capsys) -> str:
 
 
 def test_help_texts_explain_themselves(capsys):
-    texts = {name: _help([name] if name else [], capsys) for name in ("", "info", "train", "eval", "merge", "demo")}
+    names = ("", "info", "train", "eval", "merge", "demo", "generate", "chat")
+    texts = {name: _help([name] if name else [], capsys) for name in names}
     assert not [name for name, text in texts.items() if "``" in text], "raw reST in --help"
     assert "bits per parameter" in texts["info"]  # info has a description, not just a usage line
     assert "(default: expenses)" in texts["eval"] and "(default: 40)" in texts["eval"]
@@ -80,6 +81,12 @@ def test_help_texts_explain_themselves(capsys):
     assert "language of the expense task" in texts["eval"]
     assert "examples/" not in texts["train"] and "--help-config" in texts["train"]
     assert "130 / 143" in texts[""] and "benchmarks.suite" in texts[""]
+    for name in ("generate", "chat"):  # defaults of 0 are shown too (0 == False must not hide them)
+        text = texts[name]
+        assert "(default: 0.0)" in text.split("--temperature", 2)[-1].split("--top-p")[0], f"{name} --temperature"
+        assert "(default: 0)" in text.split("--seed", 2)[-1], f"{name} --seed"
+        assert "(default: auto)" in text and "(default: 256)" in text
+    assert "/reset" in texts["chat"] and "/exit" in texts["chat"]
 
 
 def test_help_config_prints_the_config_reference(capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,23 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
         atomic_write(path, fail)
     assert path.read_text() == "one"
     assert [p.name for p in tmp_path.iterdir()] == ["latest"], "a temp file was left behind"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_atomically_written_files_get_the_mode_of_any_new_file(tmp_path, umask):
+    """Temp files start at 0600; a saved weight must be as readable as a file written with open()."""
+    import qlora_kernels as qk
+
+    previous = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "text", lambda tmp: tmp.write_text("x"))
+        qk.quantize(torch.randn(8, 64), "nf4").save(tmp_path / "w.safetensors")
+        with open(tmp_path / "plain", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"text": 0o666 & ~umask, "w.safetensors": 0o666 & ~umask, "plain": 0o666 & ~umask}
 
 
 def test_load_safetensors_errors_name_the_file(tmp_path):

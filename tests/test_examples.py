@@ -64,3 +64,14 @@ def test_generate_script_and_config(tmp_path):
     cfg = TrainConfig.from_file(ROOT / "examples/expenses/config.yaml")
     assert (cfg.method, cfg.quant, cfg.model) == ("qlora", "nf4", "smollm2-135m-instruct")
     assert cfg.train_file == "examples/expenses/data/train.jsonl"  # relative to the working directory (repo root)
+
+
+def test_the_example_config_is_the_demos_recipe():
+    """The README says examples/expenses/config.yaml trains what the demo trains; the run's own files may differ."""
+    from qlora_kernels.train.demo import DEMO_CONFIG
+
+    bookkeeping = {"save_every", "log_every"}
+    example = TrainConfig.from_file(ROOT / "examples/expenses/config.yaml").to_dict()
+    demo = TrainConfig.from_dict({**DEMO_CONFIG, "train_file": "x.jsonl"}).to_dict()
+    differ = {k: (example[k], demo[k]) for k in DEMO_CONFIG if k not in bookkeeping and example[k] != demo[k]}
+    assert not differ, f"examples/expenses/config.yaml differs from DEMO_CONFIG in (example, demo): {differ}"

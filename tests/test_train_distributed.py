@@ -218,6 +218,7 @@ LAUNCHED = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
     ("settings", "env", "message"),
     [
         ({"distributed": "fsdp"}, {}, "needs several processes, but WORLD_SIZE is unset"),
+        ({"distributed": "ddp"}, {}, "accelerate launch --multi_gpu --num_processes N"),
         ({"distributed": "ddp"}, {"WORLD_SIZE": "1"}, "needs several processes, but WORLD_SIZE is 1"),
         ({}, LAUNCHED, "WORLD_SIZE=2 but config key 'distributed' is 'none'"),
         ({"distributed": "fsdp"}, {"WORLD_SIZE": "2"}, "RANK is not set"),

@@ -63,6 +63,14 @@ def _error(argv: list[str], capsys) -> str:
     return lines[0]
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(finished, tmp_path, data, capsys):
+    config = _copy(finished, tmp_path, data)
+    assert main(["train", "--config", config, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train" in out and "step 4 of 4" in out and "--change-schedule" in out
+    assert "nan" not in out
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [

@@ -12,10 +12,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
+def default_file_mode() -> int:
+    """The mode a plain `open(path, "w")` gives a new file: 0666 minus the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Create or replace `path` all at once: `write(tmp)` fills a temp file in the same folder,
     which is flushed to disk and renamed over `path`. A failure leaves `path` as it was and no
-    temp file behind. Returns `path`."""
+    temp file behind. The file gets the mode of any file the user creates (temp files start at
+    0600, which would hide a saved weight from other users). Returns `path`."""
     path = Path(path)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -24,6 +32,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         write(tmp)
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -70,7 +70,8 @@ def plan_distributed(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> 
         raise ConfigError(f"WORLD_SIZE must be >= 1, got {world}")
     if mode == "auto":
         mode = "ddp" if world > 1 else "none"
-    launch = "launch with torchrun --nproc-per-node N (or accelerate launch --num_processes N)"
+    # accelerate launch runs one process unless --multi_gpu is given, also on a CPU-only machine
+    launch = "launch with torchrun --nproc-per-node N (or accelerate launch --multi_gpu --num_processes N)"
     if mode == "none":
         if world > 1:
             raise ConfigError(
