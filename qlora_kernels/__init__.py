@@ -1,5 +1,15 @@
 """qlora-kernels: quantized LoRA fine-tuning kernels, layers and a small SFT trainer."""
 
+import os as _os
+import sys as _sys
+
+# Idle OpenMP threads sleep instead of spinning, as under the `qlora-kernels` command: with
+# busy-waiting, small matmuls (decoding, small batches) lose whole scheduler ticks whenever another
+# process shares the cores. OpenMP reads this once, when torch loads, so it only takes effect when
+# this package is imported before torch; an explicit OMP_WAIT_POLICY always wins.
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from . import ops as _ops  # noqa: F401  (registers kernel backends; imports no triton yet)
 from .formats import FORMATS, QuantizedTensor, quantize
 from .models import load_model
