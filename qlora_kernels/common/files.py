@@ -19,6 +19,11 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def set_default_file_mode(path: str | os.PathLike) -> None:
+    """Give a written file the mode a plain `open()` would (temp files start at 0600)."""
+    os.chmod(path, default_file_mode())
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Create or replace `path` all at once: `write(tmp)` fills a temp file in the same folder,
     which is flushed to disk and renamed over `path`. A failure leaves `path` as it was and no

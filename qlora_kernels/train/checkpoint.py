@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..tuning.io import set_default_file_mode
+from ..common.files import atomic_write, set_default_file_mode
 
 LATEST = "latest"
 PREFIX = "checkpoint-"
@@ -225,12 +225,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temp_dirs(output_dir: str | Path) -> list[Path]:
-    """Delete what an earlier killed or failed save left (`.tmp-*`), except a live other process's; returns them."""
+    """Delete what an earlier killed or failed save left (`.tmp-*` folders, a `.latest.*.tmp` pointer),
+    except a live other process's; returns them."""
     folder = Path(output_dir)
     removed = []
     if not folder.is_dir():
         return removed
-    for stale in folder.glob(f"{TMP_PREFIX}*"):
+    for stale in [*folder.glob(f"{TMP_PREFIX}*"), *folder.glob(f".{LATEST}.*.tmp")]:
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
             continue
@@ -304,13 +305,10 @@ def save_checkpoint(
         if final.exists():  # the same step saved again (e.g. Ctrl-C right after a periodic save)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        pointer_tmp = output_dir / f"{TMP_PREFIX}{LATEST}-{os.getpid()}"
-        pointer_tmp.write_text(final.name, encoding="utf-8")
-        os.replace(pointer_tmp, output_dir / LATEST)
+        atomic_write(output_dir / LATEST, lambda pointer: pointer.write_text(final.name, encoding="utf-8"))
         _fsync_dir(output_dir)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        (output_dir / f"{TMP_PREFIX}{LATEST}-{os.getpid()}").unlink(missing_ok=True)
         previous = latest_checkpoint(output_dir)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         reason = getattr(e, "strerror", None) or str(e)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..formats import atomic_save_safetensors
+from ..common.files import atomic_save_safetensors, atomic_write
 from ..nn import BottleneckAdapter, LoRALinear
 from ..nn.dense import is_conv1d
 from .config import TuningConfig, get_config, model_signature
@@ -123,26 +122,6 @@ def _compact_targets(model: nn.Module, targets: list[str]) -> list[str]:
     return short if matched == set(targets) else sorted(targets)
 
 
-def set_default_file_mode(path: str | os.PathLike) -> None:
-    """Give a written file the mode a plain `open()` would: 0666 minus the umask (temp files start at 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def _atomic_write_json(data: dict[str, Any], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        set_default_file_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write the adapter (tensors only) and its config to `out_dir`; returns the folder.
 
@@ -157,8 +136,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, metadata: dict[st
     }
     metadata = {**(metadata or {}), "format": "pt", "library": "qlora-kernels", "qk_config": json.dumps(cfg.to_dict())}
     atomic_save_safetensors(tensors, out / WEIGHTS_NAME, metadata=metadata)
-    set_default_file_mode(out / WEIGHTS_NAME)
-    _atomic_write_json(_peft_config(cfg, model), out / CONFIG_NAME)
+    config_text = json.dumps(_peft_config(cfg, model), indent=2, sort_keys=True) + "\n"
+    atomic_write(out / CONFIG_NAME, lambda tmp: tmp.write_text(config_text, encoding="utf-8"))
     return out
 
 
