@@ -81,3 +81,29 @@ def test_the_example_config_loads_from_the_repository_root(monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = TrainConfig.from_file("examples/expenses/config.yaml")
     assert cfg.train_file == "examples/expenses/data/train.jsonl" and cfg.method == "qlora"
+
+
+def test_group_size_is_checked_up_front_and_reaches_the_quantized_layers(tmp_path):
+    import pytest
+    from train_support import tiny_model_dir, write_expense_data
+
+    import qlora_kernels as qk
+    from qlora_kernels.train import ConfigError, TrainConfig, train
+
+    with pytest.raises(ConfigError, match="group_size"):
+        TrainConfig(group_size=48)
+    train_file, _ = write_expense_data(tmp_path)
+    cfg = TrainConfig(
+        model=str(tiny_model_dir()),
+        quant="int4",
+        group_size=32,
+        max_steps=1,
+        batch_size=2,
+        train_file=str(train_file),
+        output_dir=str(tmp_path / "run"),
+        progress=False,
+    )
+    model, tokenizer = qk.load_model(cfg.model)
+    train(cfg, model=model, tokenizer=tokenizer)
+    groups = {m.group_size for m in model.modules() if isinstance(m, qk.QuantLinear)}
+    assert groups == {32}

@@ -17,6 +17,7 @@ from typing import Any, get_type_hints
 import torch
 import yaml
 
+from ..formats import GROUP_SIZES
 from ..tuning.config import PARTIAL_POLICIES
 from .precision import Precision, resolve_precision
 
@@ -45,6 +46,7 @@ class TrainConfig:
     model_dtype: str = "auto"  # weights as loaded; auto: bf16 where this machine computes bf16 fast, else fp32
     method: str = "qlora"
     quant: str = "nf4"
+    group_size: int = 0  # int4 group / NF4 block along K; 0: the format's default
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
@@ -173,6 +175,7 @@ def _range_checks(cfg: TrainConfig) -> dict[str, tuple[bool, str]]:
         "r": (cfg.r >= 1, ">= 1 (and at most the smallest targeted layer's width)"),
         "alpha": (0 < cfg.alpha < math.inf, "a finite number > 0"),
         "dropout": (0 <= cfg.dropout < 1, "in [0, 1)"),
+        "group_size": (cfg.group_size in (0, *GROUP_SIZES), f"0 (the format's default) or one of {GROUP_SIZES}"),
         "bottleneck": (cfg.bottleneck >= 1, ">= 1"),
         "num_virtual_tokens": (cfg.num_virtual_tokens >= 1, ">= 1"),
         "k": (cfg.k >= 1, ">= 1"),
@@ -291,6 +294,8 @@ FIELD_DOCS: dict[str, str] = {
     "method": "Fine-tuning method: qlora (LoRA on a quantized base), lora (LoRA on a dense base), adapter "
     "(bottleneck adapters), prompt (prompt tuning), partial (some layers unfrozen), full (every weight).",
     "quant": "Weight format of the frozen base for qlora, adapter, prompt and partial; lora and full never quantize.",
+    "group_size": "int4 group / NF4 block size along the input features: 32, 64, 128 or 256 (0: the format's "
+    "default, 64, or 32 where 64 does not divide K). int8 has one scale per row and ignores it.",
     "r": "LoRA rank: at least 1, at most the smallest in/out width of the targeted layers.",
     "alpha": "LoRA scaling numerator: the update is (alpha / r) * B A. A finite number > 0.",
     "dropout": "LoRA dropout on the input of A, in [0, 1).",

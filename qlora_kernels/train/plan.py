@@ -27,6 +27,7 @@ RESUME_MUST_MATCH = (
     "model",
     "method",
     "quant",
+    "group_size",
     "r",
     "alpha",
     "target_modules",

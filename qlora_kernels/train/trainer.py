@@ -232,6 +232,7 @@ def prepare(model: nn.Module, cfg: TrainConfig, tokenizer: Any, model_dtype: tor
         model,
         cfg.method,
         quant=cfg.quant_format,
+        group_size=cfg.group_size or None,
         compute_dtype=model_dtype or cfg.torch_model_dtype,  # frozen weights keep their loaded dtype
         gradient_checkpointing=cfg.gradient_checkpointing,
         **options.get(cfg.method, {}),
