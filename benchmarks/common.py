@@ -21,13 +21,25 @@ RESULTS_DIR = Path(__file__).parent / "results"
 
 def machine_name() -> str:
     """The results folder's name: the GPU's name (spaces to dashes) on a CUDA machine; on the CPU
-    its kind for our compute-dtype policy: "cpu-avx512bf16" (bf16 dot-product instructions, a fast
-    bf16 GEMM) or "cpu" (without them: fp32 is faster there)."""
+    its kind for our compute-dtype policy, decided as the policy decides without overrides:
+    "cpu-bf16" (bf16 matmuls clearly faster than fp32, so layers compute in bf16) or "cpu"."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0).replace(" ", "-")
-    from qlora_kernels.ops.compute_policy import BF16_CPU_FLAGS, cpu_flags
+    from qlora_kernels.ops.compute_policy import decide_cpu_compute_dtype
 
-    return "cpu-avx512bf16" if cpu_flags() & set(BF16_CPU_FLAGS) else "cpu"
+    return "cpu-bf16" if decide_cpu_compute_dtype(env=None).name == "bf16" else "cpu"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else the platform's word for it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _cpu_compute_dtype() -> str:
@@ -46,7 +58,7 @@ def run_metadata() -> dict:
         commit = "unknown"
     return {
         "machine": machine_name(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_compute_dtype": _cpu_compute_dtype(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="batch 2, 4 steps: a smoke run of the training table")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every run (default 2)")
     parser.add_argument("--skip-train", action="store_true", help="only the loading table")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu")
+    parser.add_argument("--out", type=Path, default=None, help="result folder (default results/<machine kind>)")
     args = parser.parse_args(argv)
     if args.child:
         spec = json.loads(args.child)
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
 
-    from benchmarks.common import run_metadata
+    from benchmarks.common import RESULTS_DIR, machine_name, run_metadata
 
     shape = QUICK_TRAIN if args.quick else TRAIN
     with tempfile.TemporaryDirectory(prefix="qk-bench-eco-") as tmp:
@@ -351,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         train_rows, ["tokens_per_s", "step_seconds", "train_peak_rss_mb", "peak_rss_mb", "trainable_params"]
     )
     meta = {**run_metadata(), "rounds": args.rounds, "train": shape, "provisional": True}
+    args.out = args.out or RESULTS_DIR / machine_name()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"meta": meta, "load": load, "train": train, "load_rows": load_rows, "train_rows": train_rows}
     (args.out / "ecosystem.json").write_text(json.dumps(report, indent=2) + "\n")

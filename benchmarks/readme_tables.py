@@ -1,6 +1,7 @@
-"""Paste the latest committed tables of results/cpu/ into benchmarks/README.md (below its marker).
+"""Paste the latest committed tables of every results/<machine>/ folder into benchmarks/README.md
+(below its marker), one section per machine.
 
-python -m benchmarks.readme_tables [--results benchmarks/results/cpu]
+python -m benchmarks.readme_tables [--results benchmarks/results]
 """
 
 from __future__ import annotations
@@ -9,11 +10,16 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.common import markdown_table
+from benchmarks.common import RESULTS_DIR, markdown_table
 from benchmarks.run_layers import LAYER_COLUMNS
 
 README = Path(__file__).parent / "README.md"
-MARKER = "<!-- tables below are pasted from results/cpu/*.md -->"
+EXTRA_TABLES = [
+    ("small_m", "Small M: decoding-sized forward and greedy decoding"),
+    ("ecosystem", "transformers quantizer: loading, and TRL + PEFT on our layers"),
+    ("distributed", "Two ranks (DDP, FSDP2) against one"),
+]
+MARKER = "<!-- tables below are pasted from results/<machine>/*.md by python -m benchmarks.readme_tables -->"
 
 
 def _md(path: Path) -> str:
@@ -32,8 +38,9 @@ def _meta_line(path: Path) -> str:
 
 
 def render(results: Path) -> str:
-    """The README's results section from the files in `results`."""
+    """The README's results section from the files in `results` (one machine's folder)."""
     parts = []
+    rel = f"results/{results.name}"
     if (results / "summary.json").is_file():
         summary = json.loads((results / "summary.json").read_text())
         secs = summary.get("suite_seconds", {})
@@ -41,20 +48,20 @@ def render(results: Path) -> str:
             "### Targets (`summary.json`)",
             "",
             _meta_line(results / "summary.json")
-            + (f"; `bench --suite cpu` took {secs['total_s'] / 60:.1f} min" if "total_s" in secs else ""),
+            + (f"; the CPU suite took {secs['total_s'] / 60:.1f} min" if "total_s" in secs else ""),
             "",
             _md(results / "summary.md"),
             "",
         ]
     if (results / "e2e.md").is_file():
         parts += ["### SFT step: our trainer vs TRL + PEFT (+ bitsandbytes)", "", _md(results / "e2e.md"), ""]
-        parts += ["![e2e](results/cpu/e2e.png)", ""]
+        parts += [f"![e2e]({rel}/e2e.png)", ""]
     if (results / "layers.json").is_file():
         data = json.loads((results / "layers.json").read_text())
         peaks = data.get("peaks", {})
         nf4 = [r for r in data["rows"] if r["fmt"] == "nf4"]
         parts += [
-            "### Layer: NF4 LoRA layer, fastest of interleaved rounds (all formats: results/cpu/layers.md)",
+            f"### Layer: NF4 LoRA layer, fastest of interleaved rounds (all formats: {rel}/layers.md)",
             "",
             f"Measured peaks in the same run: copy {peaks.get('copy_gb_s', float('nan')):.1f} GB/s, fp32 matmul "
             f"{peaks.get('matmul_fp32_gflop_s', float('nan')):.0f} GFLOP/s, bf16 matmul "
@@ -62,40 +69,67 @@ def render(results: Path) -> str:
             "",
             markdown_table(nf4, LAYER_COLUMNS),
             "",
-            "![layers](results/cpu/layers_time_vs_m.png)",
+            f"![layers]({rel}/layers_time_vs_m.png)",
             "",
         ]
     if (results / "memory.md").is_file():
-        parts += ["### Memory", "", _md(results / "memory.md"), "", "![memory](results/cpu/memory_bars.png)", ""]
+        parts += ["### Memory", "", _md(results / "memory.md"), "", f"![memory]({rel}/memory_bars.png)", ""]
     if (results / "methods.md").is_file():
         text = (results / "methods.md").read_text(encoding="utf-8")
         body = text.split("\n", 1)[1].split("<!-- notes", 1)[0]
         parts += [
-            "### The lecture's methods (results/cpu/methods.md has the discussion)",
+            f"### The lecture's methods ({rel}/methods.md has the discussion)",
             "",
             "\n".join(line for line in body.strip().splitlines() if not line.startswith("<!--")),
             "",
-            "![accuracy vs trainable parameters](results/cpu/accuracy_vs_params.png)",
+            f"![accuracy vs trainable parameters]({rel}/accuracy_vs_params.png)",
             "",
         ]
     if (results / "dequant_cpu.md").is_file():
         parts += [
             "### Dequantization",
             "",
-            "Native C++ decode vs the PyTorch reference vs bitsandbytes: results/cpu/dequant_cpu.md (full run); "
-            "the CPU suite reruns the SmolLM2 shape into results/cpu/dequant_quick.md.",
+            f"Native C++ decode vs the PyTorch reference vs bitsandbytes: {rel}/dequant_cpu.md (full run); "
+            f"the CPU suite reruns the SmolLM2 shape into {rel}/dequant_quick.md.",
             "",
         ]
+    for name, title in EXTRA_TABLES:
+        if (results / f"{name}.md").is_file():
+            parts += [f"### {title} ({rel}/{name}.md)", "", _md(results / f"{name}.md"), ""]
     return "\n".join(parts)
+
+
+def _machine_line(results: Path) -> str:
+    """Who measured: the folder's machine.md when written, else the CPU and compute dtype of its newest file."""
+    note = results / "machine.md"
+    if note.is_file():
+        return note.read_text(encoding="utf-8").strip()
+    metas = [json.loads(p.read_text()).get("meta", {}) for p in sorted(results.glob("*.json"))]
+    metas = [m for m in metas if m.get("date")]
+    if not metas:
+        return ""
+    meta = max(metas, key=lambda m: m["date"])
+    dtype = meta.get("cpu_compute_dtype", "?")
+    return f"CPU: {meta.get('cpu')}, {meta.get('cpu_threads')} threads; compute dtype {dtype}."
+
+
+def render_all(root: Path = RESULTS_DIR) -> str:
+    """One section per machine folder under `root` that holds results."""
+    sections = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        body = render(folder)
+        if body:
+            sections.append("\n".join([f"## Results: `{folder.name}`", "", _machine_line(folder), "", body]))
+    return "\n".join(sections)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "cpu")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="the folder of machine folders")
     args = parser.parse_args(argv)
     text = README.read_text(encoding="utf-8")
     head = text.split(MARKER, 1)[0]
-    README.write_text(head + MARKER + "\n\n" + render(args.results) + "\n", encoding="utf-8")
+    README.write_text(head + MARKER + "\n\n" + render_all(args.results) + "\n", encoding="utf-8")
     print(f"updated {README}")
 
 

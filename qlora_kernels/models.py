@@ -12,7 +12,9 @@ against the architecture (layer names and widths) before any weight is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -189,6 +191,29 @@ def clear_quantization_marker(model: nn.Module) -> None:
             delattr(model, attr)
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _without_gguf_dtype_advice():
+    """Hide transformers' advice to load a GGUF file in float32 "because its kernels compute in
+    float32": it is about transformers' packed GGUF kernels, which we do not use (the weights come
+    out as plain tensors, and our own layers pick their compute dtype)."""
+    logger = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    drop = _DropMessages("Loading a GGUF checkpoint with its weights packed is fastest in float32")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def load_model(
     name_or_path: str | Path = "smollm2-135m-instruct",
     dtype: torch.dtype = torch.float32,
@@ -208,7 +233,8 @@ def load_model(
     source = find_model(name_or_path)
     kwargs = source.from_pretrained_kwargs()
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
+        with _without_gguf_dtype_advice():
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, struct.error ... for bad files
         raise _load_error(source, "weights", e) from e
     try:

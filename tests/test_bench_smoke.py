@@ -151,3 +151,20 @@ def test_readme_tables_render(tmp_path: Path) -> None:
     rows = suite.cpu_targets(_layer_rows(), MEMORY_ROWS, E2E_ROWS)
     suite.write_summary(rows, tmp_path, extra={"suite_seconds": {"total_s": 60.0}})
     assert "Targets" in readme_tables.render(tmp_path)
+
+
+def test_readme_tables_one_section_per_machine(tmp_path: Path) -> None:
+    from benchmarks import readme_tables
+
+    for name in ("cpu", "cpu-bf16"):
+        folder = tmp_path / name
+        suite.write_summary(suite.cpu_targets(_layer_rows(), MEMORY_ROWS, E2E_ROWS), folder)
+    (tmp_path / "cpu" / "machine.md").write_text("A slow-bf16 Xeon.\n")
+    (tmp_path / "cpu-bf16" / "e2e.md").write_text("<!-- meta -->\n| run |\n|---|\n")
+    (tmp_path / "empty").mkdir()
+    text = readme_tables.render_all(tmp_path)
+    assert text.count("## Results: ") == 2 and "`empty`" not in text
+    assert "A slow-bf16 Xeon." in text
+    cpu_part, bf16_part = text.split("## Results: `cpu-bf16`")
+    assert "compute dtype" in bf16_part and "![e2e](results/cpu-bf16/e2e.png)" in bf16_part
+    assert "e2e" not in cpu_part

@@ -35,5 +35,3 @@ def device_key(device: torch.device | str) -> torch.device:
     if key.type == "cuda" and key.index is None:
         key = torch.device("cuda", torch.cuda.current_device())
     return key
-
-

@@ -1,13 +1,13 @@
 """Which dtype the CPU computes in: bf16 where this host's bf16 GEMM beats fp32, fp32 elsewhere.
 
 CPUs differ a lot here. An AMD EPYC with AVX-512 BF16 ran a bf16 matmul at 4x its fp32 rate;
-another x86 CPU without those instructions ran bf16 at 0.6x fp32, because oneDNN then widens
-every operand. So the choice is measured, not assumed:
+an Intel Xeon with AVX-512 but no AMX ran bf16 at 0.5-0.6x fp32. The flags do not separate the
+two, so the choice is measured, not assumed:
 
 1. An explicit `set_cpu_compute_dtype` wins (the trainer calls it for ``dtype: bf16`` / ``fp32``),
    then ``QK_CPU_DTYPE`` (``bf16`` | ``fp32`` | ``auto``) in the environment.
 2. An x86 CPU without bf16 dot-product instructions (``avx512_bf16``, ``amx_bf16``) gets fp32
-   without measuring: there bf16 matmuls are emulated.
+   without measuring: there oneDNN widens every bf16 operand to fp32.
 3. Otherwise a micro-benchmark of well under a second times bf16 and fp32 matmuls of a
    training-sized shape on one thread, interleaved, and picks bf16 when it is at least
    `BF16_MIN_SPEEDUP` times faster.
