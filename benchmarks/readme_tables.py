@@ -80,7 +80,11 @@ def render(results: Path) -> str:
         parts += [
             f"### The lecture's methods ({rel}/methods.md has the discussion)",
             "",
-            "\n".join(line for line in body.strip().splitlines() if not line.startswith("<!--")),
+            "\n".join(
+                "#" + line if line.startswith("## ") else line  # under this machine's "##" section
+                for line in body.strip().splitlines()
+                if not line.startswith("<!--")
+            ),
             "",
             f"![accuracy vs trainable parameters]({rel}/accuracy_vs_params.png)",
             "",

@@ -40,3 +40,21 @@ def test_a_time_budget_still_shortens_the_run_when_asked_for(tmp_path, monkeypat
     assert metrics["steps"] < 9
     report = (tmp_path / "demo" / "report.md").read_text(encoding="utf-8")
     assert "time budget 5000 s as asked" in report
+
+
+def test_score_variant_lists_extend_the_demo_held_out_lists() -> None:
+    """examples/expenses/score_variant.py scores 100 lists whose first 40 are the demo's, none seen in training."""
+    import importlib.util
+    from pathlib import Path
+
+    from qlora_kernels.train import expenses
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "expenses" / "score_variant.py"
+    spec = importlib.util.spec_from_file_location("score_variant", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lists = module.held_out_lists()
+    train_lists, demo_eval = expenses.make_splits(demo.N_TRAIN, demo.N_EVAL, seed=0)
+    assert [e.key for e in lists[: demo.N_EVAL]] == [e.key for e in demo_eval]
+    assert len(lists) >= 90 and not {e.key for e in lists} & {e.key for e in train_lists}
+    assert module.main([]) == 2  # no output folder: usage and exit code 2

@@ -56,7 +56,8 @@ DEMO_CONFIG: dict[str, Any] = {
 }
 
 
-def _conversation(e: expenses.Expenses, style: str, language: str) -> list[dict[str, str]]:
+def conversation(e: expenses.Expenses, style: str, language: str) -> list[dict[str, str]]:
+    """One list as a chat: the question, then the answer in `style` (the demo's training and eval format)."""
     return [
         {"role": "user", "content": expenses.prompt(e, language)},
         {"role": "assistant", "content": expenses.completion(e, style, language)},
@@ -67,7 +68,7 @@ def few_shot_prompt(shots: list[expenses.Expenses], e: expenses.Expenses, style:
     """Earlier solved lists as previous chat turns, then the question (the lecture's prompting baseline)."""
     turns: list[dict[str, str]] = []
     for s in shots:
-        turns += _conversation(s, style, language)
+        turns += conversation(s, style, language)
     return turns + [{"role": "user", "content": expenses.prompt(e, language)}]
 
 
@@ -158,7 +159,7 @@ def run_demo(
     log(f"loaded {cfg.model}; {precision.describe()}")
     autocast = None  # generation runs in the weights' own dtype; autocast would re-cast every weight per token
     references = [expenses.completion(e, label_style, language) for e in eval_lists]
-    conversations = [_conversation(e, label_style, language) for e in eval_lists]
+    conversations = [conversation(e, label_style, language) for e in eval_lists]
     budget = token_budget(tokenizer, conversations)
     zero_prompts = [c[:-1] for c in conversations]
     shots = sorted(train_lists[:100], key=lambda e: len(e.items))[:n_shots]  # short shots: cheaper prompts
