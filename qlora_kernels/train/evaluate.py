@@ -145,7 +145,8 @@ def shared_prefix_cache(model: nn.Module, prefix_ids: torch.Tensor, batch: int) 
     tokens, as with prompt tuning's virtual tokens: generate() would then skip real tokens.
     """
     cache_name = cache_argument(model)
-    out = model(input_ids=prefix_ids, use_cache=True)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=prefix_ids, use_cache=True, **keep)  # the cache is what we want, not P x vocab logits
     cache = out[cache_name] if cache_name in out else out.get("past_key_values")
     if cache is None or cache.get_seq_length() != prefix_ids.shape[1]:
         return {}

@@ -27,6 +27,7 @@ from ..formats.quantize import resolve_group_size
 from ..nn import BottleneckAdapter, LoRALinear, QuantLinear
 from ..nn.adapter import check_adapter_options
 from ..nn.dense import in_out_features, is_dense_linear
+from ..nn.frozen_head import fold_frozen_head_inputs
 from ..nn.lora_linear import check_lora_options
 from .config import (
     METHODS,
@@ -294,6 +295,7 @@ def apply_plan(model: nn.Module, plan: PreparePlan) -> None:
     _quantize_modules(model, cfg)
     _add_method(model, cfg, plan.prompt_init)
     _set_dtypes(model, plan.compute_dtype)
+    fold_frozen_head_inputs(output_head(model))
     emb = input_embeddings(model)
     if emb is not None and not emb.weight.requires_grad and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
