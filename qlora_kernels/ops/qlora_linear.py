@@ -292,7 +292,8 @@ def qlora_linear(
     """
     check_qlora_args(x, qt, lora_a, lora_b, scaling, bias)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    autocast_on = torch.is_autocast_enabled(device_type)
+    if autocast_on:
         dtype = torch.get_autocast_dtype(device_type)
         x = x.to(dtype)
     impl = resolve_backend(backend, x.device)
@@ -300,9 +301,12 @@ def qlora_linear(
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    with torch.autocast(device_type, enabled=False):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, lora_a, lora_b, bias)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, lora_a, lora_b, bias)):
+        with torch.autocast(device_type, enabled=False):
             y = QLoRALinearFunction.apply(x2, lora_a, lora_b, bias, _Static(qt, float(scaling), impl))
-        else:  # nothing to differentiate (generation, evaluation): the backend's forward without autograd
+    elif autocast_on:  # nothing to differentiate (generation, evaluation): the backend's forward without autograd
+        with torch.autocast(device_type, enabled=False):
             y, _ = impl.forward(x2, qt, lora_a, lora_b, float(scaling), bias)
+    else:
+        y, _ = impl.forward(x2, qt, lora_a, lora_b, float(scaling), bias)
     return y.reshape(*lead, qt.shape[0])
