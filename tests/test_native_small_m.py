@@ -126,9 +126,10 @@ def test_long_rows_with_many_rows_of_x(fmt: str, group: int, opts: dict, isa: st
 @needs_native
 @pytest.mark.parametrize(("fmt", "k"), [("nf4", 512), ("int4", 512), ("int8", 512), ("nf4", 2048)])
 def test_the_result_does_not_depend_on_the_thread_count(fmt: str, k: int) -> None:
-    qt = qk.quantize(torch.randn(203, k), fmt)
-    a, b = _lora(203, k, 16, seed=2)
-    bias = torch.randn(203)
+    n = 4099  # enough rows that every M here splits into several tasks (the grain is about 2^20 MACs)
+    qt = qk.quantize(torch.randn(n, k), fmt)
+    a, b = _lora(n, k, 16, seed=2)
+    bias = torch.randn(n)
     threads = torch.get_num_threads()
     results = []
     try:

@@ -259,17 +259,18 @@ def fused_small_m_forward(
         raise ValueError(f"fused_small_m_forward: isa must be one of {ISAS}, got {isa!r}")
     if (lora_a is None) != (lora_b is None):
         raise ValueError("fused_small_m_forward: pass both lora_a and lora_b, or neither")
+    detach = torch.is_grad_enabled()  # the op has no autograd formula; without grad mode nothing to cut
     if lora_a is not None:
-        lora_a = lora_a.detach().float().contiguous()
-        lora_b = lora_b.detach().float().contiguous()
+        lora_a = (lora_a.detach() if detach else lora_a).float().contiguous()
+        lora_b = (lora_b.detach() if detach else lora_b).float().contiguous()
     if bias is not None:
-        bias = bias.detach().contiguous()
+        bias = (bias.detach() if detach else bias).contiguous()
     levels = nested = None
     if qt.format == "nf4":
         levels = nf4_table()
         nested = dynamic_table() if qt.double_quant else None
     y, xa = torch.ops.qlora_kernels.qlora_small_m(
-        x.detach().contiguous(),
+        (x.detach() if detach else x).contiguous(),
         qt.format,
         qt.data,
         qt.scales,
