@@ -68,7 +68,7 @@ namespace {
 constexpr int64_t kNestedBlock = 256;     // NF4 absmax values per fp32 scale (formats.NESTED_BLOCK)
 // Below this a task is not worth waking a thread: 2^20 MACs are about 40 us on one core, the order
 // of a wake-up under OMP_WAIT_POLICY=PASSIVE. So SmolLM2-sized layers (<= 576 x 1536) run on one
-// thread, which made its 2-thread decoding 1.3x faster; 4096 x 4096 still splits 16 ways.
+// thread while decoding, and 4096 x 4096 still splits 16 ways.
 constexpr int64_t kMinMacsPerTask = 1 << 20;
 constexpr int64_t kChunk = 32;            // weights per 16 packed bytes; every 4-bit group is a multiple
 constexpr int64_t kTileRows = 4;          // weight rows per tile (the largest tile of the micro-kernels)
