@@ -4,7 +4,7 @@ GB/s counts the bytes of dense output written (N * K * itemsize). Every ratio co
 taken in the same run, on the same machine. Run as a script (writes JSON + markdown) or with
 pytest-benchmark:
 
-    python benchmarks/bench_dequant_cpu.py [--quick] [--out benchmarks/results/cpu]
+    python -m benchmarks.bench_dequant_cpu [--quick] [--out DIR]   (default: benchmarks/results/<machine>)
     python -m pytest benchmarks/bench_dequant_cpu.py --benchmark-only
 """
 
@@ -35,7 +35,6 @@ FORMATS: tuple[tuple[str, str, int | None, dict], ...] = (
     ("int4 g128", "int4", 128, {}),
     ("int8", "int8", None, {}),
 )
-RESULTS_DIR = Path(__file__).parent / "results" / "cpu"
 
 
 def fastest_seconds(fns: dict[str, Callable[[], object]], rounds: int = 12, min_time: float = 0.05) -> dict[str, float]:
@@ -103,7 +102,7 @@ def run(
             # The machine may be shared: the 1-minute load average before and after the run.
             "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         },
-        "command": "python benchmarks/bench_dequant_cpu.py" + (" --quick" if quick else "") + threads_arg,
+        "command": "python -m benchmarks.bench_dequant_cpu" + (" --quick" if quick else "") + threads_arg,
         "rows": [row for group in rows for row in group],
     }
 
@@ -206,13 +205,17 @@ def to_markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the SmolLM2 shape")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for dequant_cpu.{json,md}")
+    parser.add_argument("--out", type=Path, default=None, help="folder for dequant_cpu.{json,md}")
     parser.add_argument(
         "--threads", default="", help="comma-separated torch thread counts, e.g. 2,1 (default: torch's choice)"
     )
     args = parser.parse_args(argv)
     print(MD_HEADER)
     result = run(quick=args.quick, threads=tuple(int(t) for t in args.threads.split(",") if t))
+    if args.out is None:
+        from benchmarks.common import RESULTS_DIR, machine_name
+
+        args.out = RESULTS_DIR / machine_name()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dequant_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "dequant_cpu.md").write_text(to_markdown(result))

@@ -25,7 +25,12 @@ MARKER = "<!-- tables below are pasted from results/<machine>/*.md by python -m 
 def _md(path: Path) -> str:
     """A result table without its leading HTML comment line."""
     lines = path.read_text(encoding="utf-8").splitlines()
-    return "\n".join(line for line in lines if not line.startswith("<!--")).strip()
+    return "\n".join(_nested(line) for line in lines if not line.startswith(("<!--", "# "))).strip()
+
+
+def _nested(line: str) -> str:
+    """A pasted file's "## " heading, two levels down: it sits under a machine's "##" and a table's "###"."""
+    return "##" + line if line.startswith("## ") else line
 
 
 def _meta_line(path: Path) -> str:
@@ -81,10 +86,10 @@ def render(results: Path) -> str:
             f"### The lecture's methods ({rel}/methods.md has the discussion)",
             "",
             "\n".join(
-                "#" + line if line.startswith("## ") else line  # under this machine's "##" section
+                "#" + line if line.startswith("## ") else line
                 for line in body.strip().splitlines()
                 if not line.startswith("<!--")
-            ),
+            ),  # fmt: skip
             "",
             f"![accuracy vs trainable parameters]({rel}/accuracy_vs_params.png)",
             "",

@@ -44,6 +44,7 @@ from benchmarks.common import RESULTS_DIR, fastest_interleaved, machine_name, ma
 from benchmarks.layers import ALPHA, RANK, LayerCase, build_bnb_peft  # noqa: E402
 from benchmarks.suite import SUMMARY_COLUMNS, target_row  # noqa: E402
 from qlora_kernels.ops import native  # noqa: E402
+from qlora_kernels.ops.compute_policy import cpu_matmul_dtype  # noqa: E402
 
 SHAPES = ((4096, 4096), (5632, 2048))  # (N, K)
 COPY_MB = 256
@@ -330,10 +331,10 @@ def crossover_rows(threads: int, rounds: int, n: int = 2048, k: int = 2048) -> l
     for m in CROSSOVER_M:
         x = torch.randn(m, k).bfloat16()
 
-        def decode_then_matmul(x=x):
-            xf = x.float()
-            y = native.workspace().matmul(xf, qt)
-            y.addmm_(xf @ a.t(), b.t(), alpha=scaling)
+        def decode_then_matmul(x=x):  # the large-M CPU path, in the dtype the compute policy picks
+            xc = x.to(cpu_matmul_dtype(x.dtype))
+            y = native.workspace().matmul(xc, qt)
+            y.addmm_(xc @ a.to(xc.dtype).t(), b.to(xc.dtype).t(), alpha=scaling)
             return y.to(x.dtype)
 
         times = fastest_interleaved(
