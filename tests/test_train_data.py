@@ -91,3 +91,16 @@ def test_length_grouped_batches_are_deterministic_grouped_and_resumable(tokenize
     assert [[len(e.input_ids) for e in next(b)] for _ in range(15)] == first[25:]
     with pytest.raises(ValueError, match="same config"):
         b.load_state_dict({"position": 1, "seed": 4, "batch_size": 4})
+
+
+def test_collate_pads_to_a_multiple_within_max_width() -> None:
+    from qlora_kernels.train.data import Example, collate
+
+    examples = [Example(input_ids=[5] * n, labels=[7] * n) for n in (3, 70)]
+    assert collate(examples, pad_id=0)["input_ids"].shape == (2, 70)
+    batch = collate(examples, pad_id=0, multiple_of=64, max_width=256)
+    assert batch["input_ids"].shape == (2, 128)
+    assert batch["attention_mask"].sum() == 73 and (batch["labels"] != -100).sum() == 73
+    assert (batch["input_ids"][1, 70:] == 0).all()
+    assert collate(examples, pad_id=0, multiple_of=64, max_width=100)["input_ids"].shape == (2, 100)
+    assert collate(examples, pad_id=0, multiple_of=64, max_width=50)["input_ids"].shape == (2, 70)  # never cuts

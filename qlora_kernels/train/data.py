@@ -198,11 +198,17 @@ def tokenize_records(
 
 
 # ----------------------------------------------------------------------------- batching
-def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: padding gets label -100 and attention 0 (never id-based)."""
+def collate(
+    examples: Sequence[Example], pad_id: int, multiple_of: int = 1, max_width: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example, rounded up to `multiple_of` tokens but not past `max_width`
+    (never below the longest): padding gets label -100 and attention 0 (never id-based)."""
     if pad_id is None:
         raise ValueError("pad_id is None; set tokenizer.pad_token (the EOS token is fine: labels do not use it)")
-    width = max(len(e.input_ids) for e in examples)
+    longest = max(len(e.input_ids) for e in examples)
+    width = -(-longest // multiple_of) * multiple_of
+    if max_width is not None:
+        width = max(longest, min(width, max_width))
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

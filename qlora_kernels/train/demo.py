@@ -25,13 +25,14 @@ import torch
 from . import expenses
 from .config import TrainConfig, apply_overrides
 from .evaluate import Scores, generate, score, token_budget
-from .trainer import train
+from .trainer import peak_memory_mb, train
 
 N_TRAIN = 1000  # more lists than the run sees: each step draws fresh ones
 N_EVAL = 40
 N_SHOTS = 3
 TARGET_SECONDS = 600  # the demo's promise: done within 10 minutes on 2 cores, model load included
-TARGET_FORMAT, TARGET_EXACT = 0.95, 0.50  # the issues' targets, shown (never asserted) in the report
+TARGET_FORMAT, TARGET_EXACT = 0.98, 0.55  # issue 11's targets, shown (never asserted) in the report
+TARGET_PEAK_RSS_MB = 4.5e9 / 2**20  # and its "peak RSS <= 4.5 GB" (decimal GB: the stricter reading)
 METHOD_NAMES = {"qlora": "QLoRA", "lora": "LoRA", "full": "full", "partial": "partial", "adapter": "adapter"}
 EVAL_BATCH = 40  # one batch: decoding is bound by reading the weights, rows are nearly free
 DEMO_CONFIG: dict[str, Any] = {
@@ -145,12 +146,14 @@ def run_demo(
 
     # ---- model and the "before" numbers
     seconds: dict[str, float] = {}
+    peak_rss: dict[str, float] = {}  # the process's RSS high-water mark at the end of each phase
     phase_start = time.perf_counter()
 
     def phase(name: str) -> None:
         nonlocal phase_start
         now = time.perf_counter()
         seconds[name] = round(now - phase_start, 1)
+        peak_rss[name] = round(peak_memory_mb(torch.device("cpu")), 1)
         phase_start = now
 
     precision = cfg.precision()
@@ -188,6 +191,7 @@ def run_demo(
         "train_seconds": round(result.train_seconds, 1),
         "phase_seconds": seconds,
         "peak_memory_mb": round(result.peak_memory_mb, 1),
+        "peak_rss_after_phase_mb": peak_rss,
         "adapter_bytes": dir_bytes(result.adapter_dir),
     }
     plot_loss(result.output_dir / "metrics.jsonl", out / "loss.png")
@@ -248,13 +252,15 @@ def render_report(
         "",
         f"Targets: format >= {pct(TARGET_FORMAT)} after training: **{yes(a['format'] >= TARGET_FORMAT)}**; exact >= "
         f"{pct(TARGET_EXACT)} and above few-shot: **{yes(exact_ok)}**"
-        f"; whole demo <= {TARGET_SECONDS} s on 2 cores: **{yes(total_seconds <= TARGET_SECONDS)}**.",
+        f"; whole demo <= {TARGET_SECONDS} s on 2 cores: **{yes(total_seconds <= TARGET_SECONDS)}**"
+        f"; peak RSS <= 4.5 GB: **{yes(metrics['peak_memory_mb'] <= TARGET_PEAK_RSS_MB)}**.",
         "",
         f"- training: {metrics['steps']} steps x {cfg.batch_size * cfg.grad_accum} examples "
         f"({budget_text}), {metrics['train_seconds']:.0f} s",
         f"- wall time: {total_seconds:.0f} s in all on {machine_summary()}; by phase: {phase_text}",
         f"- precision: {metrics['precision']}",
-        f"- peak memory (process RSS): {metrics['peak_memory_mb']:.0f} MiB",
+        f"- peak memory (process RSS): {metrics['peak_memory_mb']:.0f} MiB; the high-water mark after each phase: "
+        + ", ".join(f"{name} {value:.0f}" for name, value in metrics.get("peak_rss_after_phase_mb", {}).items()),
         f"- adapter on disk: {metrics['adapter_bytes'] / 2**20:.2f} MiB",
         f"- method {cfg.method}, quant {cfg.quant}, r={cfg.r}, alpha={cfg.alpha}, targets {cfg.target_modules}, "
         f"lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine), seed {cfg.seed}",

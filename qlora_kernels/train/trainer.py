@@ -491,7 +491,10 @@ class _Run:
             group["lr"] = lr * group["lr_scale"]
         group = self.run_group
         group.seed_step(cfg.seed, self.step)
-        micro = [collate(b, self.pad_id) for b in group.step_batches(self.batches, cfg.grad_accum)]
+        micro = [
+            collate(b, self.pad_id, cfg.pad_to_multiple_of, cfg.max_length)
+            for b in group.step_batches(self.batches, cfg.grad_accum)
+        ]
         loss_sum, n_tokens = accumulate_gradients(self.engine, micro, self.device, self.autocast, self.scaler, group)
         if not math.isfinite(loss_sum):
             bar.close()
