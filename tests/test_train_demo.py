@@ -9,6 +9,9 @@ from train_support import tiny_model_dir
 from qlora_kernels.train import demo, trainer
 
 
+TINY_RANK = ["r=8", "alpha=16"]  # the tiny stand-in's narrowest layer is 16 wide; the demo's r=32 needs 32
+
+
 class SlowClock:
     """A clock on which every reading is 1000 s after the previous one (a very slow machine)."""
 
@@ -22,7 +25,7 @@ class SlowClock:
 
 def test_the_demo_trains_its_fixed_step_count_on_a_slow_machine(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "time", SlowClock())
-    overrides = [f"model={tiny_model_dir()}", "max_steps=4", "batch_size=2", "max_length=256"]
+    overrides = [f"model={tiny_model_dir()}", "max_steps=4", "batch_size=2", "max_length=256", *TINY_RANK]
     metrics = demo.run_demo(tmp_path / "demo", overrides, n_eval=2, n_shots=1)
     assert metrics["steps"] == 4
     assert demo.DEMO_CONFIG.get("time_budget_s", 0) == 0
@@ -36,6 +39,7 @@ def test_the_demo_trains_its_fixed_step_count_on_a_slow_machine(tmp_path, monkey
 def test_a_time_budget_still_shortens_the_run_when_asked_for(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "time", SlowClock())
     overrides = [f"model={tiny_model_dir()}", "max_steps=9", "batch_size=2", "max_length=256", "time_budget_s=5000"]
+    overrides += TINY_RANK
     metrics = demo.run_demo(tmp_path / "demo", overrides, n_eval=2, n_shots=1)
     assert metrics["steps"] < 9
     report = (tmp_path / "demo" / "report.md").read_text(encoding="utf-8")

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..common.memory import release_free_memory
 from . import expenses
 from .config import TrainConfig, apply_overrides
 from .evaluate import Scores, generate, score, token_budget
@@ -40,8 +41,8 @@ DEMO_CONFIG: dict[str, Any] = {
     "model_dtype": "auto",  # bf16 where this CPU's bf16 GEMM is fast, else fp32 (ops.compute_policy)
     "method": "qlora",
     "quant": "nf4",
-    "r": 16,
-    "alpha": 32.0,
+    "r": 32,
+    "alpha": 64.0,
     "target_modules": "all-linear",
     "max_length": 256,
     "max_steps": 80,
@@ -154,6 +155,7 @@ def run_demo(
         now = time.perf_counter()
         seconds[name] = round(now - phase_start, 1)
         peak_rss[name] = round(peak_memory_mb(torch.device("cpu")), 1)
+        release_free_memory()  # the next phase starts from what is live, not from this one's leftovers
         phase_start = now
 
     precision = cfg.precision()
