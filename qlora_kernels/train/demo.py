@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from ..common.memory import release_free_memory
 from . import expenses
 from .config import TrainConfig, apply_overrides
 from .evaluate import Scores, generate, score, token_budget
@@ -155,7 +154,6 @@ def run_demo(
         now = time.perf_counter()
         seconds[name] = round(now - phase_start, 1)
         peak_rss[name] = round(peak_memory_mb(torch.device("cpu")), 1)
-        release_free_memory()  # the next phase starts from what is live, not from this one's leftovers
         phase_start = now
 
     precision = cfg.precision()
