@@ -33,6 +33,7 @@ import torch
 from benchmarks.common import RESULTS_DIR, machine_name, machine_peaks, markdown_table, run_metadata, write_report
 from benchmarks.memory import bytes_per_param, run_memory_suite
 from benchmarks.run_layers import LAYER_COLUMNS, run_layer_suite
+from qlora_kernels.cli import non_negative_int, positive_int
 
 SUMMARY_KEYS = ("name", "ours", "baseline", "unit", "ratio", "target", "met")
 NO_GPU_NOTE = "not measured: needs a CUDA GPU"
@@ -427,20 +428,6 @@ def run(
     return run_cpu_like(torch.device("cuda" if suite == "gpu" else "cpu"), out_dir, rounds, layer_threads=layer_threads)
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    parse.__name__ = f"int >= {low}"
-    return parse
-
-
 def check_out_dir(parser: argparse.ArgumentParser, out: Path | None) -> None:
     """parser.error (exit 2) unless `out` is, or can become, a folder this user can write."""
     if out is None:
@@ -465,11 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="result folder (default benchmarks/results/<machine kind or GPU name>)"
     )
     parser.add_argument(
-        "--rounds", type=_int_at_least(1), default=5, help="interleaved timing rounds per layer case (default 5)"
+        "--rounds", type=positive_int, default=5, help="interleaved timing rounds per layer case (default 5)"
     )
     parser.add_argument(
         "--layer-threads",
-        type=_int_at_least(0),
+        type=non_negative_int,
         default=0,
         help="torch threads for the layer suite (default 0: torch's default; 1: robust on a busy machine)",
     )
