@@ -187,6 +187,45 @@ def test_workspace_stays_minimal_when_no_config_splits(monkeypatch, device):
     assert workspace.partials.numel() == workspace.sides.numel() == workspace.counters.numel() == 1
 
 
+# ------------------------------------------------------------------------------ GEMV (M = 1)
+GEMV_CONFIGS = [c for c in qc.gpu_configs(qc.MODE_FORWARD) if c.kwargs["BLOCK_M"] == 1]
+
+
+def test_gemv_configs_are_offered_to_m_1_forwards_only():
+    assert GEMV_CONFIGS, "no BLOCK_M = 1 forward config"
+    for cfg in GEMV_CONFIGS:
+        assert qc.config_is_valid(cfg, qc.MODE_FORWARD, 128, 1, 1, 16)
+        assert not qc.config_is_valid(cfg, qc.MODE_FORWARD, 128, 1, 2, 16), "GEMV offered to M = 2"
+        assert not qc.config_is_valid(cfg, qc.MODE_GRAD_INPUT, 128, 1, 1, 16), "GEMV offered to the backward"
+
+
+@pytest.mark.parametrize("cfg", GEMV_CONFIGS, ids=qc.config_label)
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
+def test_gemv_config_matches_reference(cfg, fmt, monkeypatch, device):
+    """Each BLOCK_M = 1 config (forced, as the autotuner may pick it on a GPU) computes y, x @ A^T
+    and the bias like the reference, at M = 1 and at M = 3 (one program per row), N = 200 (not a
+    tile multiple), K = 256 spanning several K steps and splits."""
+    group = {"nf4": 64, "int4": 128, "int8": None}[fmt]
+    if fmt != "int8" and group % cfg.kwargs["BLOCK_RED"]:
+        pytest.skip(f"BLOCK_RED {cfg.kwargs['BLOCK_RED']} does not divide the {fmt} group {group}")
+    monkeypatch.setattr(qm.autotuner(qc.MODE_FORWARD), "configs", [cfg])
+    monkeypatch.setattr(qm.autotuner(qc.MODE_FORWARD), "cache", {})
+    monkeypatch.setattr(qm, "_WORKSPACES", {})
+    n, k, r = 200, 256, 5
+    qt = qk.quantize(torch.randn(n, k) * 0.05, fmt, **({"group_size": group} if group else {})).to(device)
+    a = (torch.randn(r, k) * 0.1).to(device)
+    b = (torch.randn(n, r) * 0.1).to(device)
+    bias = torch.randn(n).to(device)
+    for m in (1, 3):
+        x = torch.randn(m, k).to(device, torch.bfloat16)
+        y, xa = qm.qlora_forward_fused(x, qt, a, b, 0.5, bias)
+        ref = qlora_linear_ref(x.float(), qt, a.to(torch.bfloat16), b, 0.5, bias)
+        assert_close_by_norm(y.float(), ref, REL_TOL[torch.bfloat16], f"{fmt} y, M={m}")
+        xa_ref = x.double() @ a.to(torch.bfloat16).double().t()
+        assert_close_by_norm(xa.double(), xa_ref, 1e-5, f"{fmt} x @ A^T, M={m}")
+        assert not qm.split_k_workspace(device).counters.any(), "a tile counter was not reset"
+
+
 # --------------------------------------------------------------------------------- NF4 table
 def test_nf4_dynamic_table_is_built_once_per_device(monkeypatch, device):
     """The double-quant table is made and copied to the device once, not on every launch."""

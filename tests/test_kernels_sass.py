@@ -82,11 +82,16 @@ def test_no_spills(report):
 
 
 def test_tensor_cores_in_matmul_kernels(report):
+    """Tensor-core instructions in every matmul config but the forward's BLOCK_M = 1 GEMV, which
+    by design has none (it multiplies the decoded tile in registers)."""
     for r in report["rows"]:
         if r["kernel"] in MATMUL_KERNELS:
             ops = r["tensor_core_ops"]
             count = ops["HMMA"] if r["arch"] == 80 else ops["HMMA"] + ops["HGMMA"]
-            assert count > 0, f"no tensor-core instructions: {_where(r)}"
+            if r["config"].startswith("M1-"):
+                assert count == 0, f"tensor-core instructions in the GEMV: {_where(r)}"
+            else:
+                assert count > 0, f"no tensor-core instructions: {_where(r)}"
 
 
 def test_shared_memory_within_card(report):
@@ -97,8 +102,8 @@ def test_shared_memory_within_card(report):
 
 def _is_int8_backward_exception(r: dict) -> bool:
     """int8's pipelined backward copies its tile 64 bits at a time (Triton gives the loaded int8
-    tile the layout of the tensor-core operand it feeds; see qlora_configs.gpu_configs), except
-    with BLOCK_M = 64 on sm_90."""
+    tile the layout of the tensor-core operand it feeds; see qlora_configs.gpu_configs); only a
+    BLOCK_M = 64 config escaped that on sm_90, and none is left."""
     return (
         r["kernel"] == "qlora_grad_input"
         and r["format"] == "int8"

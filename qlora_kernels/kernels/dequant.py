@@ -151,5 +151,9 @@ def dequantize_triton(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=DEQUANT_WARPS,
+        # No fused multiply-adds: NF4's double-quantized absmax (code * scale + offset) must round
+        # twice, as the PyTorch reference does, for the decoded tile to equal it bit for bit
+        # (ptxas's FMA differed in the last fp32 bit on an H200).
+        enable_fp_fusion=False,
     )
     return out

@@ -96,15 +96,27 @@ def gpu_configs(mode: int) -> list[triton.Config]:
             make_config(16, 64, 64, 4, 1, split_k=4),  # NF4 g64
             make_config(16, 32, 128, 4, 1, split_k=8),
             make_config(16, 128, 32, 4, 1, split_k=4),  # group size 32
+            # more programs in flight at M = 1 (H200, 4096 x 4096: 4-split NF4 reached 6% of HBM)
+            make_config(16, 64, 128, 4, 1, split_k=8),
+            make_config(16, 64, 64, 4, 1, split_k=8),
+            make_config(16, 64, 64, 4, 1, split_k=16),
+            # BLOCK_M = 1: the GEMV (no tensor cores) for decoding, whole K or split
+            make_config(1, 64, 64, 4, 1),
+            make_config(1, 64, 64, 4, 1, split_k=8),
+            make_config(1, 64, 128, 4, 1, split_k=8),
+            make_config(1, 128, 64, 8, 1, split_k=8),
         ]
     # Dropped for spills under Triton 3.6 (kernel_report): M16-O128-R64-w4-s3 (int4: 64 B sm_80,
     # 72 B sm_90; w8: 56/88 B), M64-O128-R64-w8-s3 (int4 sm_80: 80 B; s2: 56 B); M32-O64-R128
     # moved from 4 to 8 warps (int8 sm_90: 16 B under 3.6, 72 B under 3.9 with 4 warps).
+    # M64-O64-R64-w4-s3 was dropped after its first GPU run (H200, Triton 3.6): int4 gave a wrong,
+    # run-to-run varying dX (relative error 5.4) and NF4 an illegal memory access; it was the only
+    # backward config whose BLOCK_M = 64 makes dY @ W a wgmma, pipelined over 3 stages. M 33..64
+    # takes the M32 config (two M tiles; the second reads the weight tile from L2).
     return [
         make_config(16, 32, 128, 4, 4),  # group size 32
         make_config(16, 64, 64, 4, 4),
         make_config(32, 64, 128, 8, 3),
-        make_config(64, 64, 64, 4, 3),
     ]
 
 
@@ -123,14 +135,16 @@ def config_is_valid(
     cfg: triton.Config, mode: int, group: int, fmt_id: int, m_bucket: int, r_pad: int, elem_bytes: int = 2
 ) -> bool:
     """Invariants: the weight tile's K extent divides the group (4-bit formats); M tile not
-    wider than the bucket (16 = tl.dot's minimum); split-K only in the small-M forward; 16
-    packed bytes per thread; NF4's register budget in the backward; shared memory within
-    SMEM_BUDGET_BYTES."""
+    wider than the bucket (16 = tl.dot's minimum; BLOCK_M = 1 is the forward's GEMV, at M = 1
+    only); split-K only in the small-M forward; 16 packed bytes per thread; NF4's register
+    budget in the backward; shared memory within SMEM_BUDGET_BYTES."""
     kw = cfg.kwargs
     weight_k = kw["BLOCK_RED"] if mode == MODE_FORWARD else kw["BLOCK_OUT"]
     if fmt_id != 0 and (weight_k > group or group % weight_k):
         return False
     if kw["BLOCK_M"] > max(16, m_bucket):
+        return False
+    if kw["BLOCK_M"] < 16 and (mode != MODE_FORWARD or m_bucket > kw["BLOCK_M"]):  # the GEMV: M = 1 only
         return False
     if kw["SPLIT_K"] > 1 and (mode != MODE_FORWARD or m_bucket > SPLIT_K_MAX_M):
         return False
@@ -171,11 +185,17 @@ def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> l
     return keep
 
 
+def _next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n >= 1 (plain Python: triton.next_power_of_2 is a constexpr
+    function whose wrapper costs microseconds on every launch)."""
+    return 1 << (n - 1).bit_length()
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for M: next power of two, capped at M_BUCKET_CAP."""
-    return min(triton.next_power_of_2(max(m, 1)), M_BUCKET_CAP)
+    return min(_next_power_of_2(max(m, 1)), M_BUCKET_CAP)
 
 
 def lora_r_pad(r: int) -> int:
     """LoRA rank padded to a power of two >= MIN_R_PAD (tl.dot's minimum dimension)."""
-    return max(MIN_R_PAD, triton.next_power_of_2(max(r, 1)))
+    return max(MIN_R_PAD, _next_power_of_2(max(r, 1)))

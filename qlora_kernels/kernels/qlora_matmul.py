@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..common import FLOAT_DTYPES
-from ..formats import QuantizedTensor
+from ..formats import FORMAT_IDS, QuantizedTensor
 from ._runtime import check_launchable, device_key
 from .dequant import scales_row_stride, weight_kernel_args, weight_meta
 from .qlora_configs import (
@@ -116,6 +116,10 @@ def _qlora_matmul_kernel(
     the last of the SPLIT_K programs of a tile to arrive (a per-tile counter) sums the
     partials in split order 0..SPLIT_K-1 and runs the epilogue (LoRA up-projection on the
     full side, bias) once, then resets the counter for the next launch.
+
+    BLOCK_M = 1 (forward only): no tensor cores. The decoded tile is multiplied by the x row in
+    the registers it was loaded into and summed once at the end (a GEMV): the MMA path would
+    pad M to 16 and move every decoded tile through shared memory into the operand layout.
     """
     tl.static_assert(SPLIT_K == 1 or MODE == 0, "split-K is for the forward only")
     pid_out = tl.program_id(0)
@@ -139,9 +143,14 @@ def _qlora_matmul_kernel(
     mask_out = offs_out < OUT_SIZE
     act_rows = act_ptr + offs_m.to(tl.int64)[:, None] * stride_act_m
 
+    USE_DOT: tl.constexpr = BLOCK_M >= 16
+    tl.static_assert(USE_DOT or (BLOCK_M == 1 and MODE == 0), "BLOCK_M < 16 is the forward's GEMV, BLOCK_M = 1")
     acc = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_OUT, BLOCK_M), dtype=tl.float32)  # forward accumulates out^T (swap AB)
     side = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if not USE_DOT:  # GEMV: element-wise partial products, summed after the loop
+        acc_gemv = tl.zeros((BLOCK_OUT, BLOCK_RED), dtype=tl.float32)
+        side_gemv = tl.zeros((BLOCK_RED, R_PAD), dtype=tl.float32)
     n_steps = tl.cdiv(RED_SIZE, BLOCK_RED)
     if SPLIT_K == 1:  # a loop from the constant 0 (pid_k * n_steps costs the backward 8 B of spills)
         step_lo = 0
@@ -166,7 +175,10 @@ def _qlora_matmul_kernel(
                 offs_out, red0, N, K, stride_data_n, stride_scales_n,
                 FORMAT, GROUP, SYMMETRIC, DOUBLE_QUANT, BLOCK_OUT, BLOCK_RED,
             )  # fmt: skip
-            acc_t = tl.dot(w.to(act.dtype), tl.trans(act), acc_t, input_precision="ieee")
+            if USE_DOT:
+                acc_t = tl.dot(w.to(act.dtype), tl.trans(act), acc_t, input_precision="ieee")
+            else:  # the same bf16-rounded operands as the dot, products exact in fp32
+                acc_gemv += w.to(act.dtype).to(tl.float32) * act.to(tl.float32)
         else:  # W tile (BLOCK_RED rows of N, BLOCK_OUT columns of K)
             k0 = tl.multiple_of(pid_out * BLOCK_OUT, BLOCK_OUT)
             w = load_weight_tile(
@@ -178,14 +190,20 @@ def _qlora_matmul_kernel(
         if HAS_LORA:
             down_offs = offs_red.to(tl.int64)[:, None] * stride_down_red + offs_r[None, :] * stride_down_r
             down = tl.load(down_ptr + down_offs, mask=mask_red[:, None] & (offs_r < R)[None, :], other=0.0)
-            side = tl.dot(act, down.to(tl.float32).to(act.dtype), side, input_precision="ieee")
+            if USE_DOT:
+                side = tl.dot(act, down.to(tl.float32).to(act.dtype), side, input_precision="ieee")
+            else:
+                side_gemv += tl.trans(act).to(tl.float32) * down.to(tl.float32).to(act.dtype).to(tl.float32)
 
-    if MODE == 0:
+    if not USE_DOT:
+        acc = tl.reshape(tl.sum(acc_gemv, axis=1), (1, BLOCK_OUT))
+        side = tl.reshape(tl.sum(side_gemv, axis=0), (1, R_PAD))
+    elif MODE == 0:
         acc = tl.trans(acc_t)
     if SPLIT_K == 1:
         _epilogue(
             acc, side, up_ptr, bias_ptr, out_ptr, side_ptr, offs_m, offs_out, offs_r, mask_m, mask_out, pid_out, R,
-            stride_up_r, stride_up_out, stride_out_m, stride_side_m, scaling, HAS_LORA, HAS_BIAS, STORE_SIDE,
+            stride_up_r, stride_up_out, stride_out_m, stride_side_m, scaling, HAS_LORA, HAS_BIAS, STORE_SIDE, USE_DOT,
         )  # fmt: skip
     else:
         rows = offs_m.to(tl.int64)
@@ -221,7 +239,7 @@ def _qlora_matmul_kernel(
             _epilogue(
                 total, side_total, up_ptr, bias_ptr, out_ptr, side_ptr, offs_m, offs_out, offs_r, mask_m, mask_out,
                 pid_out, R, stride_up_r, stride_up_out, stride_out_m, stride_side_m, scaling, HAS_LORA, HAS_BIAS,
-                STORE_SIDE,
+                STORE_SIDE, USE_DOT,
             )  # fmt: skip
 
 
@@ -248,13 +266,17 @@ def _epilogue(
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     STORE_SIDE: tl.constexpr,
+    USE_DOT: tl.constexpr,
 ):
     """out = acc + scaling * side @ up + bias on one (BLOCK_M, BLOCK_OUT) tile; side stored by pid_out 0."""
     if HAS_LORA:
         # Rank-first up-projection in fp32 (R_PAD x BLOCK_OUT per tile: negligible work).
         up_offs = offs_r[:, None] * stride_up_r + offs_out.to(tl.int64)[None, :] * stride_up_out
         up = tl.load(up_ptr + up_offs, mask=(offs_r < R)[:, None] & mask_out[None, :], other=0.0).to(tl.float32)
-        acc += scaling * tl.dot(side, up, input_precision="ieee")
+        if USE_DOT:
+            acc += scaling * tl.dot(side, up, input_precision="ieee")
+        else:  # BLOCK_M = 1: side (1, R_PAD) times up (R_PAD, BLOCK_OUT), summed over the rank
+            acc += scaling * tl.reshape(tl.sum(tl.trans(side) * up, axis=0), acc.shape)
         if STORE_SIDE:
             # Every OUT-tile program computes `side` (it needs it for its own epilogue; A is
             # r x K, tiny next to the BLOCK_OUT x K weight slice, and L2-resident), so the
@@ -403,18 +425,38 @@ def _split_k_buffers(mode: int, qt: QuantizedTensor, act: torch.Tensor, m: int, 
     Passed to every launch, split or not, so the kernel's pointer types never change with the
     config list (each change of signature would compile every config once more).
     """
-    configs = autotuner(mode).configs
-    if len(configs) > 1:  # the autotuner prunes only when it has a choice
-        meta = weight_meta(qt)
-        configs = valid_configs(configs, mode, meta["GROUP"], meta["FORMAT"], m_bucket(m), r_pad, act.element_size())
-    split = [c.kwargs for c in configs if c.kwargs["SPLIT_K"] > 1]
+    split = _split_k_tiles(mode, qt.format, qt.group_size, m_bucket(m), r_pad, act.element_size())
     workspace = split_k_workspace(act.device)
     if not split:
         return workspace.reserve(0, 0, 0)
-    max_split = max(kw["SPLIT_K"] for kw in split)
-    out_tiles = max(triton.cdiv(out_size, kw["BLOCK_OUT"]) for kw in split)
-    m_tiles = max(triton.cdiv(m, kw["BLOCK_M"]) for kw in split)
+    max_split = max(s for s, _, _ in split)
+    out_tiles = max(triton.cdiv(out_size, block_out) for _, block_out, _ in split)
+    m_tiles = max(triton.cdiv(m, block_m) for _, _, block_m in split)
     return workspace.reserve(max_split * m * out_size, out_tiles * max_split * m * r_pad, out_tiles * m_tiles)
+
+
+#: _split_k_tiles' answers by launch key, each with the config list it was computed from.
+_SPLIT_K_TILES: dict[tuple, tuple[list, tuple]] = {}
+
+
+def _split_k_tiles(mode: int, fmt: str, group_size: int, bucket: int, r_pad: int, elem_bytes: int) -> tuple:
+    """(SPLIT_K, BLOCK_OUT, BLOCK_M) of the split-K configs the autotuner may pick for this launch
+    key. Cached, so the prune runs once per key instead of on every call; an entry holds its
+    config list and is recomputed when the autotuner's list is replaced (tests and benchmarks
+    force single configs that way)."""
+    configs = autotuner(mode).configs
+    key = (mode, fmt, group_size, bucket, r_pad, elem_bytes)
+    hit = _SPLIT_K_TILES.get(key)
+    if hit is not None and hit[0] is configs:
+        return hit[1]
+    kept = configs
+    if len(configs) > 1:  # the autotuner prunes only when it has a choice
+        group = group_size if fmt != "int8" else 1
+        kept = valid_configs(configs, mode, group, FORMAT_IDS[fmt], bucket, r_pad, elem_bytes)
+    tiles = tuple((c.kwargs["SPLIT_K"], c.kwargs["BLOCK_OUT"], c.kwargs["BLOCK_M"]) for c in kept
+                  if c.kwargs["SPLIT_K"] > 1)  # fmt: skip
+    _SPLIT_K_TILES[key] = (configs, tiles)
+    return tiles
 
 
 # ----------------------------------------------------------------------------- launchers

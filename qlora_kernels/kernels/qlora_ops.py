@@ -6,7 +6,8 @@ small M and the decode-buffer + cuBLAS path (`qlora_dense`) above `FUSED_MAX_M` 
 "qlora_kernels::qlora_grad_input", whose fake implementations check the operands' shapes with
 `torch._check` and give torch.compile the output shapes, so the Triton launch is one opaque
 graph node instead of a graph break. `TritonBackend` is what `qlora_linear(backend="triton")`
-calls.
+calls: the custom ops while torch.compile traces, the launchers directly in eager mode (the
+dispatcher's custom-op wrappers cost more host time per call than the launch itself).
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from .qlora_matmul import qlora_forward_fused, qlora_grad_input_fused
 
 # ------------------------------------------------------------------------------ dispatch
 #: Largest M (rows of x) that takes the fused forward kernel; above it, dequantize + cuBLAS.
-#: Not measured on a GPU yet: benchmarks/gpu_check.py times both paths for M in 1..256 on the
-#: Llama-8B shapes (its layer rows "fused_fwd_ms" / "dense_fwd_ms"); set this to the largest
-#: M where the fused kernel is still faster. 64 is the memory-bound limit of the design, a
-#: starting guess.
-FUSED_MAX_M = 64
-#: Same, for the backward dX kernel (dY (M, N) @ W), from the forward+backward timings.
-FUSED_BWD_MAX_M = 64
+#: From benchmarks/gpu_check.py on an H200 (Triton 3.6, 2026-11-28; layer rows "fused_fwd_ms" /
+#: "dense_fwd_ms" on the three Llama-3-8B shapes, NF4/int4/int8): the fused forward was faster
+#: in 8 of 9 cases at M = 16 and slower in 7 of 9 at M = 64 (2-3x slower at M = 256).
+FUSED_MAX_M = 16
+#: Same, for the backward dX kernel (dY (M, N) @ W): at M = 16 it beat the dense path in 4 of 9
+#: cases (within 10% in 2 more), at M = 64 in none (1.5-4.5x slower).
+FUSED_BWD_MAX_M = 16
 
 
 def qlora_forward_triton(
@@ -158,6 +159,11 @@ else:  # torch without torch.library.custom_op: call the launchers directly (eag
     qlora_grad_input_op = _grad_input_impl
 
 
+def _compiling() -> bool:
+    """True while torch.compile traces: then the launch must be the custom op (one opaque node)."""
+    return _HAS_CUSTOM_OP and torch.compiler.is_compiling()
+
+
 def weight_fields(qt: QuantizedTensor) -> tuple:
     """`qt` as the ops' weight arguments: its tensors, format, N, K, group size and symmetry."""
     n, k = qt.shape
@@ -169,6 +175,14 @@ def weight_fields(qt: QuantizedTensor) -> tuple:
 class TritonBackend:
     """`QLoRABackend` on the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1)."""
 
+    @staticmethod
+    def compute_dtype(dy: torch.Tensor) -> torch.dtype:
+        """dtype of the LoRA weight-gradient matmuls: 16-bit dY's own on CUDA (tensor cores, as PEFT
+        under autocast; in fp32 these skinny (r x M) @ (M x K) products get none), fp32 elsewhere."""
+        if dy.is_cuda and dy.dtype in (torch.bfloat16, torch.float16):
+            return dy.dtype
+        return torch.float32
+
     def forward(
         self,
         x: torch.Tensor,
@@ -178,6 +192,8 @@ class TritonBackend:
         scaling: float,
         bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not _compiling():  # eager: the launcher directly, without the dispatcher's ~10 us per call
+            return qlora_forward_triton(x, qt, lora_a, lora_b, float(scaling), bias)
         y, xa = qlora_forward_op(x, *weight_fields(qt), lora_a, lora_b, float(scaling), bias)
         return y, (xa if lora_a is not None else None)
 
@@ -189,4 +205,6 @@ class TritonBackend:
         lora_b: torch.Tensor | None,
         scaling: float,
     ) -> torch.Tensor:
+        if not _compiling():
+            return qlora_grad_input_triton(dy, qt, lora_a, lora_b, float(scaling))
         return qlora_grad_input_op(dy, *weight_fields(qt), lora_a, lora_b, float(scaling))
