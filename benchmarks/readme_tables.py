@@ -46,6 +46,10 @@ def render(results: Path) -> str:
     """The README's results section from the files in `results` (one machine's folder)."""
     parts = []
     rel = f"results/{results.name}"
+    if (results / "gpu_check.md").is_file():  # a GPU check: its header and target table
+        report = (results / "gpu_check.md").read_text(encoding="utf-8")
+        head, targets = report.split("## Parts", 1)[0].split("## Targets", 1)
+        parts += [f"### GPU check ({rel}/gpu_check.md)", "", head.splitlines()[2].strip(), "", targets.strip(), ""]
     if (results / "summary.json").is_file():
         summary = json.loads((results / "summary.json").read_text())
         secs = summary.get("suite_seconds", {})

@@ -200,6 +200,34 @@ def cpu_targets(layer_rows: list[dict], memory_rows: list[dict], e2e_rows: list[
     return rows
 
 
+def gpu_rows(note: str = NO_GPU_NOTE, results: Path = RESULTS_DIR) -> list[dict[str, Any]]:
+    """The GPU targets as the committed GPU checks measured them (every
+    `results/<gpu>/gpu_check.json`, from `python -m benchmarks.gpu_check --all`); the
+    placeholders when none is committed. ours and ratio are the check's geometric means."""
+    rows = []
+    for path in sorted(results.glob("*/gpu_check.json")):
+        report = json.loads(path.read_text())
+        device = report.get("environment", {}).get("device", path.parent.name)
+        for t in report.get("targets", []):
+            if t.get("ours") is None:
+                worst = "not measured"
+            elif t.get("baseline") is not None:
+                worst = f"ours {t['ours']:.4g} vs {t['baseline']:.4g} {t['unit']}"
+            else:
+                worst = f"worst case {t['ours']:.3g} {t['unit']}"
+            rows.append({
+                "name": f"gpu: {t['name']}",
+                "ours": t.get("ratio"),
+                "baseline": None,
+                "unit": "ratio" if t["unit"] != "%" else "%",
+                "ratio": t.get("ratio"),
+                "target": f"threshold {t['target']}",
+                "met": t.get("met"),
+                "note": f"{device}, {path.parent.name}/gpu_check.json: {worst}; {t.get('note', '')}",
+            })  # fmt: skip
+    return rows or gpu_placeholder_rows(note)
+
+
 def gpu_placeholder_rows(note: str = NO_GPU_NOTE) -> list[dict[str, Any]]:
     """The GPU targets with met = null: this machine cannot measure them."""
     return [
@@ -363,7 +391,7 @@ def run_cpu_like(
         sft.plot_accuracy_vs_params(json.loads(methods_json.read_text())["rows"], out_dir / "accuracy_vs_params.png")
 
     timings["total_s"] = time.perf_counter() - t0
-    summary = cpu_targets(layer_rows, memory_rows, e2e_rows) + gpu_placeholder_rows(_gpu_note(device))
+    summary = cpu_targets(layer_rows, memory_rows, e2e_rows) + gpu_rows(_gpu_note(device))
     write_summary(summary, out_dir, extra={"suite_seconds": timings, "peaks": peaks})
     print(markdown_table(summary, SUMMARY_COLUMNS))
     print(f"[bench] done in {timings['total_s']:.0f}s: {timings}")

@@ -168,3 +168,18 @@ def test_readme_tables_one_section_per_machine(tmp_path: Path) -> None:
     cpu_part, bf16_part = text.split("## Results: `cpu-bf16`")
     assert "compute dtype" in bf16_part and "![e2e](results/cpu-bf16/e2e.png)" in bf16_part
     assert "e2e" not in cpu_part
+
+
+def test_gpu_rows_come_from_committed_gpu_checks(tmp_path):
+    """Without a committed GPU check the GPU rows are placeholders; with one they carry its ratios."""
+    assert all(r["met"] is None for r in suite.gpu_rows(results=tmp_path))
+    check = {
+        "environment": {"device": "Test GPU"},
+        "targets": [{"name": "t", "ours": 0.5, "baseline": None, "unit": "x", "ratio": 0.8, "target": 2.0,
+                     "met": False, "note": "n"}],
+    }  # fmt: skip
+    (tmp_path / "test-gpu").mkdir()
+    (tmp_path / "test-gpu" / "gpu_check.json").write_text(json.dumps(check))
+    (row,) = suite.gpu_rows(results=tmp_path)
+    assert (row["name"], row["ratio"], row["met"]) == ("gpu: t", 0.8, False)
+    assert "Test GPU" in row["note"] and "worst case 0.5" in row["note"]
