@@ -8,7 +8,6 @@ from train_support import tiny_model_dir
 
 from qlora_kernels.train import demo, trainer
 
-
 TINY_RANK = ["r=8", "alpha=16"]  # the tiny stand-in's narrowest layer is 16 wide; the demo's r=32 needs 32
 
 
