@@ -43,7 +43,7 @@ def run_probed(cfg: TrainConfig, folder: Path, resume: bool) -> None:
 
     def record(module, args):
         lora_a = getattr(module, "lora_A", None)
-        if lora_a is not None:
+        if lora_a is not None and torch.is_grad_enabled():  # training forwards, not preparation's no-grad check
             compute_dtypes.add(str(lora_a.weight.dtype))  # as FSDP gathered it for this forward
         layer = getattr(module, "base", module)  # LoRALinear calls the fused op on its base's weight
         if isinstance(layer, ShardableQuantLinear) and id(layer) not in seen:

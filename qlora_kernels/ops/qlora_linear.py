@@ -217,18 +217,40 @@ class QLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, xa, lora_a, lora_b = ctx.saved_tensors
-        static: _Static = ctx.static
         need_x, need_a, need_b, need_bias, _ = ctx.needs_input_grad
-        dx = da = db = dbias = None
-        dy = dy.contiguous()
-        if need_x:
-            dx = static.backend.grad_input(dy, static.qt, lora_a, lora_b, static.scaling)
-        if lora_a is not None and (need_a or need_b):
-            compute = getattr(static.backend, "compute_dtype", lambda _: torch.float32)(dy)
-            da, db = lora_weight_grads(dy, x, xa, lora_a, lora_b, static.scaling, compute, need_a, need_b)
-        if need_bias and ctx.has_bias:
-            dbias = dy.float().sum(0).to(ctx.bias_dtype)
-        return dx, da, db, dbias, None
+        grads = linear_backward(
+            dy, x, xa, lora_a, lora_b, ctx.static, need_x, need_a, need_b, need_bias and ctx.has_bias, ctx.bias_dtype
+        )
+        return (*grads, None)
+
+
+def linear_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor | None,
+    xa: torch.Tensor | None,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    static: _Static,
+    need_x: bool,
+    need_a: bool,
+    need_b: bool,
+    need_bias: bool,
+    bias_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dX, dA, dB, dbias) of one quantized LoRA linear from dY (M, N) and what its forward saved.
+
+    x (M, K) is needed for dA only, xa = x A^T for dB; the base weight is decoded again for dX.
+    """
+    dx = da = db = dbias = None
+    dy = dy.contiguous()
+    if need_x:
+        dx = static.backend.grad_input(dy, static.qt, lora_a, lora_b, static.scaling)
+    if lora_a is not None and (need_a or need_b):
+        compute = getattr(static.backend, "compute_dtype", lambda _: torch.float32)(dy)
+        da, db = lora_weight_grads(dy, x, xa, lora_a, lora_b, static.scaling, compute, need_a, need_b)
+    if need_bias:
+        dbias = dy.float().sum(0).to(bias_dtype)
+    return dx, da, db, dbias
 
 
 # ------------------------------------------------------------------------------ checks

@@ -28,6 +28,7 @@ from ..nn import BottleneckAdapter, LoRALinear, QuantLinear
 from ..nn.adapter import check_adapter_options
 from ..nn.dense import in_out_features, is_dense_linear
 from ..nn.frozen_head import fold_frozen_head_inputs
+from ..nn.fused_mlp import fuse_swiglu_mlps
 from ..nn.lora_linear import check_lora_options
 from .config import (
     METHODS,
@@ -295,6 +296,8 @@ def apply_plan(model: nn.Module, plan: PreparePlan) -> None:
     _quantize_modules(model, cfg)
     _add_method(model, cfg, plan.prompt_init)
     _set_dtypes(model, plan.compute_dtype)
+    if cfg.method in ("qlora", "lora"):
+        fuse_swiglu_mlps(model)
     fold_frozen_head_inputs(output_head(model))
     emb = input_embeddings(model)
     if emb is not None and not emb.weight.requires_grad and hasattr(model, "enable_input_require_grads"):
