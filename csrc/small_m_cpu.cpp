@@ -23,9 +23,12 @@
 //
 // Instruction sets, chosen at run time (the library's baseline is x86-64-v2): AVX-512
 // (vpermps over 16 lanes), AVX2 (two 8-lane vpermps and a blend, one weight row at a time), and a
-// portable scalar path. Not used: VNNI would need x quantized to int8, and avx512_bf16 dot
-// products would round the decoded weights to bf16, both breaking the fp32 reference's tolerance;
-// and at M = 1 the time goes to reading and decoding W, not to the multiplies they would speed up.
+// portable scalar path, all with exact fp32 products. "avx512_bf16" adds, for bf16 x and the 4-bit
+// formats, bf16 dot products (vdpbf16ps) on weights decoded to bf16 with vpermw: half the vector
+// instructions per weight (one core was bound by issuing them, not by memory). It rounds
+// the decoded weight to bf16, as the dense bf16 path does, so it runs only when asked for (the
+// Python layer asks for bf16 inputs where the CPU compute-dtype policy is bf16). Not used: VNNI,
+// which would need x quantized to int8.
 //
 // Operators (schemas in TORCH_LIBRARY_FRAGMENT below):
 //   qlora_kernels::qlora_small_m(x, format, data, scales, mins?, levels?, nested_code?, absmax_scales?,
@@ -56,6 +59,7 @@
 #define QK_X86 1
 #define QK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 #define QK_AVX2 __attribute__((target("avx2,fma")))
+#define QK_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
 // Helpers of the micro-kernels must inline, or their accumulators go through memory.
 #define QK_INLINE inline __attribute__((always_inline))
 #else
@@ -78,7 +82,7 @@ constexpr int64_t kXBlockBytes = 24 * 1024;  // a block of x this large stays in
 // next tiles' rows (8 KB: measured best of 1-16 KB, 1.5x over none for 4096x4096 at M = 1).
 constexpr int64_t kPrefetchBytes = 8192;
 
-enum class Isa { kScalar, kAvx2, kAvx512 };
+enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Bf16 };
 
 // A zero-filled fp32 buffer aligned to a cache line, so no vector load of it splits two lines.
 class Floats {
@@ -105,7 +109,7 @@ Isa detect_isa() {
   __builtin_cpu_init();  // may run before libgcc's own initialiser
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
-    return Isa::kAvx512;
+    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
   return Isa::kScalar;
 }
@@ -116,19 +120,24 @@ const Isa kBestIsa = detect_isa();
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16: return "avx512_bf16";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
   }
 }
 
+// "auto" is the best exact path: the bf16 dot products round the decoded weights to bf16, so
+// they run only when asked for ("avx512_bf16", which the Python layer passes for bf16 inputs
+// when the CPU compute-dtype policy is bf16).
 Isa parse_isa(const std::string& name) {
-  if (name == "auto") return kBestIsa;
+  if (name == "auto") return std::min(kBestIsa, Isa::kAvx512);
   Isa want;
-  if (name == "avx512") want = Isa::kAvx512;
+  if (name == "avx512_bf16") want = Isa::kAvx512Bf16;
+  else if (name == "avx512") want = Isa::kAvx512;
   else if (name == "avx2") want = Isa::kAvx2;
   else if (name == "scalar") want = Isa::kScalar;
-  else TORCH_CHECK_VALUE(false, "qlora_small_m: isa must be 'auto', 'avx512', 'avx2' or 'scalar', got '", name, "'");
+  else TORCH_CHECK_VALUE(false, "qlora_small_m: isa must be 'auto', 'avx512_bf16', 'avx512', 'avx2' or 'scalar', got '", name, "'");
   TORCH_CHECK_VALUE(static_cast<int>(want) <= static_cast<int>(kBestIsa), "qlora_small_m: isa='", name,
                     "' is not supported by this CPU (best: '", isa_name(kBestIsa), "'); pass isa='auto'");
   return want;
@@ -156,6 +165,7 @@ struct Problem {
   // activations
   const float* x = nullptr;   // (M, K) fp32
   const float* xp = nullptr;  // (M, K) fp32, columns reordered per vector (4-bit formats, SIMD paths)
+  const uint16_t* xb = nullptr;  // (M, K) bf16 bits, per 64 columns [32 even | 32 odd] (bf16 dot products)
   // LoRA
   int64_t r = 0;
   const float* xa_scaled = nullptr;  // (M, r): scaling * x A^T
@@ -644,6 +654,161 @@ QK_AVX512 float dot_avx512(const float* a, const float* b, int64_t k) {
   return _mm512_reduce_add_ps(tree_sum<4>(acc));
 }
 
+// ------------------------------------------------------------------------ AVX-512 BF16
+// For bf16 x on a CPU with avx512_bf16, where the compute-dtype policy multiplies in bf16: each
+// group's 16 values (computed in fp32 as above) are rounded to bf16 (RNE, as the dense bf16 path
+// rounds its decoded weight), `vpermw` turns 32 codes into 32 bf16 weights, and `vdpbf16ps`
+// multiplies pairs of them with x into fp32 accumulators (exact products, fp32 sums). Per 64
+// weights that is 6 vector instructions against 12 for the fp32 path, which one core cannot
+// issue fast enough to keep up with memory. x is reordered per 64 columns as [32 even | 32 odd].
+// With group_size 32 a 64-column chunk spans two groups: the 32-entry table holds both, and the
+// upper 16 lanes' codes get bit 4 set; with larger groups the table is the group's 16 values twice,
+// so the low nibble's index needs no masking.
+constexpr int64_t kChunkBf16 = 64;  // weights per 32 packed bytes
+
+QK_AVX512_BF16 QK_INLINE __m256i group_table_bf16(__m512 base, const float* scale, const float* offset, int64_t g) {
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(group_table(base, scale, offset, g)));
+}
+
+// One 64-column chunk of R weight rows (32 packed bytes each, `stride` bytes apart) times MT rows
+// of bf16 x, into acc[r][i][0 / 1] (even / odd columns). PAIR: the table's halves are two groups.
+template <int R, int MT, bool PAIR>
+QK_AVX512_BF16 QK_INLINE void chunk4_bf16_avx512(const uint8_t* q, int64_t stride, const __m512i* table,
+                                                 const uint16_t* xb, int64_t ldx, __m512 (*acc)[MT][2]) {
+  const __m512i upper = _mm512_maskz_set1_epi16(0xFFFF0000u, 16);  // bit 4 of the upper 16 lanes' codes
+  __m512bh xe[MT], xo[MT];
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i) {
+    xe[i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + i * ldx));
+    xo[i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + i * ldx + 32));
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m512i codes =
+        _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * stride)));
+    // vpermw reads the low 5 bits of each index: the high nibble needs a shift, the low one a
+    // mask only when bit 4 picks the second group.
+    __m512i even_idx = _mm512_srli_epi16(codes, 4), odd_idx = codes;
+    if constexpr (PAIR) {
+      even_idx = _mm512_or_si512(even_idx, upper);
+      odd_idx = _mm512_ternarylogic_epi32(codes, _mm512_set1_epi16(0x0F), upper, 0xEA);  // (codes & 15) | upper
+    }
+    const __m512bh even = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(even_idx, table[r]));
+    const __m512bh odd = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(odd_idx, table[r]));
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i) {
+      acc[r][i][0] = _mm512_dpbf16_ps(acc[r][i][0], even, xe[i]);
+      acc[r][i][1] = _mm512_dpbf16_ps(acc[r][i][1], odd, xo[i]);
+    }
+  }
+}
+
+// sums[r][i] = x_i . W_r over whole 4-bit rows, x_i in bf16. CPG: 64-column chunks per group
+// (1, 2 or 4); 0 for group_size 32, whose chunks span two groups.
+template <int R, int MT, int CPG>
+QK_AVX512_BF16 void dot4_bf16_avx512(const uint8_t* q, int64_t stride, __m512 base, const float* scale,
+                                     const float* offset, int64_t groups, const uint16_t* xb, int64_t ldx,
+                                     int64_t chunks, __m512 (*sums)[MT]) {
+  constexpr int STEP = CPG ? CPG : 1;  // chunks per table
+  __m512 acc[R][MT][2];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MT; ++i) acc[r][i][0] = acc[r][i][1] = _mm512_setzero_ps();
+  __m512i table[R];
+  for (int64_t c = 0; c < chunks; c += STEP) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const float* sc = scale + r * groups;
+      const float* of = offset ? offset + r * groups : nullptr;
+      if constexpr (CPG == 0) {
+        const __m256i first = group_table_bf16(base, sc, of, 2 * c);
+        table[r] = _mm512_inserti64x4(_mm512_castsi256_si512(first), group_table_bf16(base, sc, of, 2 * c + 1), 1);
+      } else {
+        const __m256i t = group_table_bf16(base, sc, of, c / CPG);
+        table[r] = _mm512_inserti64x4(_mm512_castsi256_si512(t), t, 1);
+      }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < STEP; ++j) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(q + r * stride + (c + j) * 32 + kPrefetchBytes), _MM_HINT_T0);
+      chunk4_bf16_avx512<R, MT, CPG == 0>(q + (c + j) * 32, stride, table, xb + (c + j) * kChunkBf16, ldx, acc);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MT; ++i) sums[r][i] = _mm512_add_ps(acc[r][i][0], acc[r][i][1]);
+}
+
+template <int R, int MT>
+QK_AVX512_BF16 void tile_bf16_avx512(const Problem& p, int64_t row, int64_t m0, const float* scale,
+                                     const float* offset) {
+  __m512 sums[R][MT];
+  const __m512 base = _mm512_load_ps(p.base);
+  const int64_t stride = p.k / 2, groups = p.groups(), chunks = p.k / kChunkBf16;
+  const uint8_t* q = p.q4 + row * stride;
+  const uint16_t* xb = p.xb + m0 * p.k;
+  switch (p.group / kChunkBf16) {
+    case 0: dot4_bf16_avx512<R, MT, 0>(q, stride, base, scale, offset, groups, xb, p.k, chunks, sums); break;
+    case 1: dot4_bf16_avx512<R, MT, 1>(q, stride, base, scale, offset, groups, xb, p.k, chunks, sums); break;
+    case 2: dot4_bf16_avx512<R, MT, 2>(q, stride, base, scale, offset, groups, xb, p.k, chunks, sums); break;
+    default: dot4_bf16_avx512<R, MT, 4>(q, stride, base, scale, offset, groups, xb, p.k, chunks, sums); break;
+  }
+  finish_tile_avx512<R, MT>(p, row, m0, sums);
+}
+
+template <int MT>
+QK_AVX512_BF16 void pass_bf16_avx512(const Problem& p, int64_t row, int64_t rows, int64_t m0, const float* scale,
+                                     const float* offset) {
+  constexpr int R = tile_rows_avx512(MT);
+  const int64_t groups = p.groups();
+  if (rows == R) {
+    tile_bf16_avx512<R, MT>(p, row, m0, scale, offset);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    tile_bf16_avx512<1, MT>(p, row + r, m0, scale + r * groups, offset ? offset + r * groups : nullptr);
+}
+
+QK_AVX512_BF16 void rows_bf16_avx512(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t groups = p.groups();
+  Floats scale(kGroupRows * groups), offset(kGroupRows * groups);
+  for (int64_t row = r0; row < r1; row += kGroupRows) {
+    const int64_t rows = std::min<int64_t>(kGroupRows, r1 - row);
+    group_params_avx512(p, row * groups, rows * groups, scale.data(), offset.data());
+    const float* off = p.has_offset ? offset.data() : nullptr;
+    for (int64_t m0 = 0; m0 < p.m;) {
+      const int mt = pass_rows(p.m, m0, kMaxRowsAvx512);
+      const int tile = mt <= 2 ? 4 : mt <= 4 ? 2 : 1;  // tile_rows_avx512(mt)
+      for (int64_t t = 0; t < rows; t += tile) {
+        const int64_t n = std::min<int64_t>(tile, rows - t);
+        const float* sc = scale.data() + t * groups;
+        const float* of = off ? off + t * groups : nullptr;
+        switch (mt) {
+          case 1: pass_bf16_avx512<1>(p, row + t, n, m0, sc, of); break;
+          case 2: pass_bf16_avx512<2>(p, row + t, n, m0, sc, of); break;
+          case 3: pass_bf16_avx512<3>(p, row + t, n, m0, sc, of); break;
+          case 4: pass_bf16_avx512<4>(p, row + t, n, m0, sc, of); break;
+          case 5: pass_bf16_avx512<5>(p, row + t, n, m0, sc, of); break;
+          case 6: pass_bf16_avx512<6>(p, row + t, n, m0, sc, of); break;
+          case 7: pass_bf16_avx512<7>(p, row + t, n, m0, sc, of); break;
+          default: pass_bf16_avx512<8>(p, row + t, n, m0, sc, of); break;
+        }
+      }
+      m0 += mt;
+    }
+  }
+}
+
+// bf16 bits of x reordered per 64 columns as [32 even | 32 odd] (K a multiple of 64).
+void reorder_bf16(const c10::BFloat16* x, uint16_t* out, int64_t m, int64_t k) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t b = 0; b < k; b += kChunkBf16)
+      for (int64_t j = 0; j < kChunkBf16 / 2; ++j) {
+        out[i * k + b + j] = x[i * k + b + 2 * j].x;
+        out[i * k + b + kChunkBf16 / 2 + j] = x[i * k + b + 2 * j + 1].x;
+      }
+}
+
 // -------------------------------------------------------------------------------- AVX2
 // 8 lanes; x is reordered per 16 columns as [8 even | 8 odd]. A 16-entry table is two 8-lane
 // halves: look a code up in both and pick by its bit 3.
@@ -804,9 +969,10 @@ QK_AVX2 float dot_avx2(const float* a, const float* b, int64_t k) {
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
 using DotFn = float (*)(const float*, const float*, int64_t);
 
-RowsFn rows_fn(Isa isa) {
+RowsFn rows_fn(Isa isa, const Problem& p) {
 #if QK_X86
-  if (isa == Isa::kAvx512) return rows_avx512;
+  if (isa == Isa::kAvx512Bf16 && p.xb) return rows_bf16_avx512;
+  if (isa >= Isa::kAvx512) return rows_avx512;
   if (isa == Isa::kAvx2) return rows_avx2;
 #endif
   return rows_scalar;
@@ -814,7 +980,7 @@ RowsFn rows_fn(Isa isa) {
 
 DotFn dot_fn(Isa isa) {
 #if QK_X86
-  if (isa == Isa::kAvx512) return dot_avx512;
+  if (isa >= Isa::kAvx512) return dot_avx512;
   if (isa == Isa::kAvx2) return dot_avx2;
 #endif
   return dot_scalar;
@@ -957,9 +1123,18 @@ std::tuple<at::Tensor, at::Tensor> qlora_small_m(
   Floats xp;
   if (p.four_bit() && isa != Isa::kScalar) {
     xp.resize(p.m * k);
-    reorder_even_odd(x32.data(), xp.data(), p.m, k, isa == Isa::kAvx512 ? 16 : 8);
+    reorder_even_odd(x32.data(), xp.data(), p.m, k, isa >= Isa::kAvx512 ? 16 : 8);
     p.xp = xp.data();
   }
+  // bf16 dot products: bf16 x and a 4-bit weight whose rows are whole 64-column chunks.
+  std::vector<uint16_t> xb;
+#if QK_X86
+  if (isa == Isa::kAvx512Bf16 && p.four_bit() && x.scalar_type() == at::kBFloat16 && k % kChunkBf16 == 0) {
+    xb.resize(p.m * k);
+    reorder_bf16(x.data_ptr<c10::BFloat16>(), xb.data(), p.m, k);
+    p.xb = xb.data();
+  }
+#endif
 
   // LoRA: x A^T once, (M, r), each entry one fixed-order dot product.
   Floats xa_scaled(p.m * p.r);
@@ -994,7 +1169,7 @@ std::tuple<at::Tensor, at::Tensor> qlora_small_m(
   p.out = fp32_out ? y.data_ptr<float>() : out32.data();
   // Threads get whole tiles of kTileRows rows, so how rows group into tiles (and with it the
   // order of every sum) does not depend on the thread count.
-  const RowsFn rows_kernel = rows_fn(isa);
+  const RowsFn rows_kernel = rows_fn(isa, p);
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerTask / (k * p.m * kTileRows));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {

@@ -20,7 +20,7 @@ qlora_linear_module = importlib.import_module("qlora_kernels.ops.qlora_linear") 
 
 needs_native = pytest.mark.skipif(not native.native_available(), reason=native.native_status().error or "")
 
-_ISA_ORDER = ("scalar", "avx2", "avx512")
+_ISA_ORDER = ("scalar", "avx2", "avx512", "avx512_bf16")
 # The paths this CPU can run (each tested explicitly), best last.
 ISAS = _ISA_ORDER[: _ISA_ORDER.index(native.small_m_isa()) + 1] if native.native_available() else ()
 # (format, group_size, quantize options, K values: multiples of the group, odd where the group allows)
@@ -61,11 +61,16 @@ def _reference32(x, qt, a, b, scaling, bias) -> torch.Tensor:
     return qlora_linear_ref(x.float(), qt, a, b, scaling, None if bias is None else bias.float())
 
 
-def assert_matches_reference(y: torch.Tensor, expected32: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    """fp32: within fp32 accumulation-order error; bf16 / fp16: within one rounding of the fp32 result."""
+def assert_matches_reference(
+    y: torch.Tensor, expected32: torch.Tensor, dtype: torch.dtype, what: str, isa: str = "auto"
+) -> None:
+    """fp32: within fp32 accumulation-order error; bf16 / fp16: within one rounding of the fp32 result
+    (two for bf16 on the "avx512_bf16" path, which also rounds the decoded weight to bf16)."""
     assert y.dtype == dtype, what
     scale = expected32.abs().amax().clamp(min=1e-6)
     rel = {torch.float32: 2e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    if isa == "avx512_bf16" and dtype == torch.bfloat16:
+        rel *= 2
     err = ((y.float() - expected32).abs() / scale).amax().item()
     assert err <= rel, f"{what}: max error {err:.3g} x max|y| exceeds {rel:.3g}"
 
@@ -89,7 +94,7 @@ def test_fused_matches_the_reference(config, isa: str) -> None:
                 y, xa = native.fused_small_m_forward(x, qt, a, b, 1.5, bias, isa=isa)
                 what = f"{fmt} g{group} {opts} N={n} K={k} M={m} r={r} bias={bias is not None} {dtype} {isa}"
                 assert y.shape == (m, n), what
-                assert_matches_reference(y, _reference32(x, qt, a, b, 1.5, bias), dtype, what)
+                assert_matches_reference(y, _reference32(x, qt, a, b, 1.5, bias), dtype, what, isa)
                 if a is None:
                     assert xa is None
                 else:
@@ -141,6 +146,46 @@ def test_the_result_does_not_depend_on_the_thread_count(fmt: str, k: int) -> Non
     for other in results[1:]:
         for (y0, xa0), (y1, xa1) in zip(results[0], other, strict=True):
             assert torch.equal(y0, y1) and torch.equal(xa0, xa1)
+
+
+# ------------------------------------------------------------------- bf16 dot products
+needs_bf16_dots = pytest.mark.skipif(
+    not native.native_available() or native.small_m_isa() != "avx512_bf16", reason="needs a CPU with avx512_bf16"
+)
+
+
+@needs_bf16_dots
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c[0] != "int8"], ids=_config_id)
+def test_bf16_dot_products_equal_a_matmul_with_the_weight_rounded_to_bf16(config) -> None:
+    """The bf16 path is the dense bf16 path's arithmetic: x times the decoded weight rounded to bf16
+    (exact products, fp32 sums); its rounded output equals that product computed in fp64, but for
+    the rare element where the fp32 sum sits within one rounding of a bf16 tie."""
+    fmt, group, opts, _ = config
+    k = 4 * max(group, 64)  # whole 64-column chunks (other K take the fp32 path)
+    qt = qk.quantize(_weight(67, k, seed=k), fmt, group_size=group, **opts)
+    w16 = qt.dequantize(torch.float32).bfloat16().double()
+    for m in (1, 3, 9, 16):
+        x = torch.randn(m, k).bfloat16()
+        y, _ = native.fused_small_m_forward(x, qt, isa="avx512_bf16")
+        expected = (x.double() @ w16.t()).bfloat16()
+        assert (y == expected).float().mean() >= 0.99, f"{fmt} g{group} M={m}"
+        assert_matches_reference(
+            y, _reference32(x, qt, None, None, 1.0, None), torch.bfloat16, f"{fmt} M={m}", "avx512_bf16"
+        )
+
+
+@needs_bf16_dots
+@pytest.mark.parametrize("policy", ["bf16", "fp32"])
+def test_auto_takes_bf16_dot_products_for_bf16_x_only_under_the_bf16_policy(monkeypatch, policy: str) -> None:
+    monkeypatch.setattr(native, "cpu_matmul_dtype", lambda dtype: torch.bfloat16 if policy == "bf16" else torch.float32)
+    qt = qk.quantize(_weight(40, 256, seed=5), "nf4")
+    x = torch.randn(2, 256).bfloat16()
+    pinned = {isa: native.fused_small_m_forward(x, qt, isa=isa)[0] for isa in ("avx512", "avx512_bf16")}
+    assert not torch.equal(pinned["avx512"], pinned["avx512_bf16"])  # the two paths round differently
+    want = "avx512_bf16" if policy == "bf16" else "avx512"
+    assert torch.equal(native.fused_small_m_forward(x, qt)[0], pinned[want])
+    x32 = x.float()  # fp32 inputs always take the exact path
+    assert torch.equal(native.fused_small_m_forward(x32, qt)[0], native.fused_small_m_forward(x32, qt, isa="avx512")[0])
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -22,6 +22,7 @@ import torch
 
 from ..common import FLOAT_DTYPES
 from ..formats import QuantizedTensor, dynamic_table, nf4_table
+from .compute_policy import cpu_matmul_dtype
 
 EXTENSION = "qlora_kernels._native"
 OP_NAMES: tuple[str, ...] = (
@@ -205,11 +206,12 @@ def workspace() -> DequantWorkspace:
 #: Raising the threshold (short prompts' prefill) needs that measurement on the target machine.
 SMALL_M_MAX = 16
 SMALL_M_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ISAS = ("auto", "avx512", "avx2", "scalar")
+ISAS = ("auto", "avx512_bf16", "avx512", "avx2", "scalar")
 
 
 def small_m_isa() -> str:
-    """The fused kernel's instruction set on this CPU: "avx512", "avx2" or "scalar" ("" without the extension)."""
+    """The fused kernel's best instruction set on this CPU: "avx512_bf16" (AVX-512 with bf16 dot
+    products), "avx512", "avx2" or "scalar" ("" without the extension)."""
     if not native_available():
         return ""
     return torch.ops.qlora_kernels.small_m_isa()
@@ -217,7 +219,19 @@ def small_m_isa() -> str:
 
 @functools.cache
 def _vector_isa() -> bool:
-    return small_m_isa() in ("avx512", "avx2")
+    return small_m_isa() in ("avx512_bf16", "avx512", "avx2")
+
+
+def _bf16_dot_isa(x: torch.Tensor, qt: QuantizedTensor) -> bool:
+    """Whether `isa="auto"` takes the bf16 dot products: bf16 x times a 4-bit weight, on a CPU
+    that has them, while the compute-dtype policy multiplies bf16 inputs in bf16 (the dense path
+    then rounds the decoded weight to bf16 too)."""
+    return (
+        x.dtype == torch.bfloat16
+        and qt.format != "int8"
+        and small_m_isa() == "avx512_bf16"
+        and cpu_matmul_dtype(torch.bfloat16) == torch.bfloat16
+    )
 
 
 def fused_small_m_applies(x: torch.Tensor, qt: QuantizedTensor) -> bool:
@@ -250,7 +264,10 @@ def fused_small_m_forward(
     xa = x @ A^T: (M, r) fp32 (what the autograd function saves for the backward), or None
     without LoRA. lora_a / lora_b are used in fp32 (converted if stored otherwise). Every output
     is computed by one thread in a fixed order, so the result does not depend on the thread count.
-    isa: "auto" (the best this CPU has), or "avx512" / "avx2" / "scalar" to pin a code path (tests).
+    isa: "auto" (the best this CPU has: for bf16 x and a 4-bit weight, where the compute-dtype
+    policy multiplies in bf16, bf16 dot products with the decoded weight rounded to bf16, as the
+    dense bf16 path rounds it; otherwise exact fp32 products), or "avx512_bf16" / "avx512" /
+    "avx2" / "scalar" to pin a code path (tests).
     """
     _require_native()
     if not isinstance(qt, QuantizedTensor):
@@ -259,6 +276,8 @@ def fused_small_m_forward(
         raise ValueError(f"fused_small_m_forward: isa must be one of {ISAS}, got {isa!r}")
     if (lora_a is None) != (lora_b is None):
         raise ValueError("fused_small_m_forward: pass both lora_a and lora_b, or neither")
+    if isa == "auto" and _bf16_dot_isa(x, qt):
+        isa = "avx512_bf16"
     detach = torch.is_grad_enabled()  # the op has no autograd formula; without grad mode nothing to cut
     if lora_a is not None:
         lora_a = (lora_a.detach() if detach else lora_a).float().contiguous()
