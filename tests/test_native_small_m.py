@@ -17,6 +17,7 @@ from qlora_kernels.ops import native
 from qlora_kernels.ops.qlora_linear import qlora_linear, qlora_linear_ref
 
 qlora_linear_module = importlib.import_module("qlora_kernels.ops.qlora_linear")  # the package re-exports the function
+quant_linear_module = importlib.import_module("qlora_kernels.nn.quant_linear")
 
 needs_native = pytest.mark.skipif(not native.native_available(), reason=native.native_status().error or "")
 
@@ -200,6 +201,7 @@ def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return real(x, *args, **kwargs)
 
     monkeypatch.setattr(qlora_linear_module, "fused_small_m_forward", spy)
+    monkeypatch.setattr(quant_linear_module, "fused_small_m_forward", spy)  # QuantLinear's decoding step
     return calls
 
 
@@ -252,6 +254,23 @@ def test_a_lora_layer_in_eval_mode_decodes_with_the_fused_kernel(fused_calls: li
         x[0], layer.base.qweight, layer.lora_A.weight, layer.lora_B.weight, layer.scaling, layer.base.bias
     )
     assert_matches_reference(y[0], expected, torch.float32, "LoRALinear")
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_layers_decoding_step_equals_qlora_linear(fused_calls: list[int], dtype: torch.dtype) -> None:
+    """Under no_grad QuantLinear calls the kernel itself, skipping qlora_linear's dispatch: same result."""
+    layer = qk.LoRALinear(qk.QuantLinear.from_linear(torch.nn.Linear(128, 40), "nf4"), r=4).eval()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 3, 128).to(dtype)
+    b = layer.lora_B.weight.detach().clone()
+    with torch.no_grad():
+        y = layer(x)
+        layer.lora_B.weight.data = torch.randn(41, 4)  # a LoRA weight that no longer fits the layer
+        with pytest.raises(ValueError, match="lora_b"):
+            layer(x)
+    assert fused_calls == [6, 6]
+    assert torch.equal(y, qlora_linear(x, layer.base.qweight, layer.lora_A.weight, b, layer.scaling, layer.base.bias))
 
 
 def test_not_used_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.lora_mlp import LoRALinearArgs, lora_swiglu_mlp
@@ -63,11 +64,27 @@ def _fusable_now(layers: tuple[LoRALinear, LoRALinear, LoRALinear], x: torch.Ten
     return True
 
 
+def _decode_step(layers: tuple[LoRALinear, LoRALinear, LoRALinear], x: torch.Tensor) -> torch.Tensor | None:
+    """Token-by-token decoding: the three fused small-M kernel calls without `lora_swiglu_mlp`'s
+    checks and dispatch (`QuantLinear.decode_step`), or None where that kernel does not serve x."""
+    gate, up, down = layers
+    g = gate.base.decode_step(x, gate.lora_A.weight, gate.lora_B.weight, gate.scaling)
+    if g is None:
+        return None
+    u = up.base.decode_step(x, up.lora_A.weight, up.lora_B.weight, up.scaling)
+    h = F.silu(g) * u
+    return down.base.qlora(h, down.lora_A.weight, down.lora_B.weight, down.scaling)
+
+
 def fused_swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The MLP's forward as one `lora_swiglu_mlp` call (the class's own forward when it cannot apply)."""
     layers = _projections(self)
     if layers is None or not _fusable_now(layers, x):
         return type(self).forward(self, x)
+    if not torch.is_grad_enabled():
+        y = _decode_step(layers, x)
+        if y is not None:
+            return y
     return lora_swiglu_mlp(x, *(_linear_args(layer) for layer in layers))
 
 

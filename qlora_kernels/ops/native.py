@@ -214,7 +214,12 @@ def small_m_isa() -> str:
     products), "avx512", "avx2" or "scalar" ("" without the extension)."""
     if not native_available():
         return ""
-    return torch.ops.qlora_kernels.small_m_isa()
+    return _best_isa()
+
+
+@functools.cache
+def _best_isa() -> str:
+    return torch.ops.qlora_kernels.small_m_isa()  # fixed for the process: one dispatcher call, not one per layer call
 
 
 @functools.cache
@@ -246,6 +251,13 @@ def fused_small_m_applies(x: torch.Tensor, qt: QuantizedTensor) -> bool:
         and native_available()
         and _vector_isa()
     )
+
+
+def _fp32_operand(t: torch.Tensor, detach: bool) -> torch.Tensor:
+    """t as a contiguous fp32 tensor outside autograd (itself when it already is one: no per-call ops)."""
+    if detach:
+        t = t.detach()
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
 def fused_small_m_forward(
@@ -280,8 +292,7 @@ def fused_small_m_forward(
         isa = "avx512_bf16"
     detach = torch.is_grad_enabled()  # the op has no autograd formula; without grad mode nothing to cut
     if lora_a is not None:
-        lora_a = (lora_a.detach() if detach else lora_a).float().contiguous()
-        lora_b = (lora_b.detach() if detach else lora_b).float().contiguous()
+        lora_a, lora_b = _fp32_operand(lora_a, detach), _fp32_operand(lora_b, detach)
     if bias is not None:
         bias = (bias.detach() if detach else bias).contiguous()
     levels = nested = None
