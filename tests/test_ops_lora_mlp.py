@@ -61,6 +61,20 @@ def test_values_and_gradients_equal_three_qlora_linear_calls(backend, fmt, dtype
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_backend_gives_the_same_values_and_gradients(dtype):
+    """The GPU's backend (here in Triton's interpreter) through the fused node and through three calls."""
+    torch.manual_seed(0)
+    specs = (
+        _linear_args(INTER, HIDDEN, "nf4", True, False, "triton"),
+        _linear_args(INTER, HIDDEN, "nf4", True, False, "triton"),
+        _linear_args(HIDDEN, INTER, "nf4", True, False, "triton"),
+    )
+    x = torch.randn(2, 9, HIDDEN).to(dtype)
+    for got, want in zip(_grads(lora_swiglu_mlp, x, specs), _grads(_unfused, x, specs), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_without_lora_and_without_grad_it_is_the_plain_forward():
     torch.manual_seed(0)
     specs = tuple(_linear_args(n, k, "nf4", False, False, "torch") for n, k in ((INTER, HIDDEN),) * 2) + (

@@ -200,10 +200,11 @@ def workspace() -> DequantWorkspace:
 # ------------------------------------------------------------------------ fused small-M forward
 #: Largest number of rows of x (M) the fused kernel serves: token-by-token decoding and batched
 #: evaluation (16 prompts at a time), the issue's scope. Measured (`python -m benchmarks.small_m
-#: --crossover`, NF4 double quant + LoRA r16, 2048x2048, x bf16, 1 thread): at M = 16 the fused
-#: kernel takes 1.10 ms against 2.75 ms for decoding into the shared buffer + fp32 matmul, and it
-#: was still ahead at M = 128 (9.2 vs 11.8 ms; this CPU's fp32 matmul ran at ~100 GFLOP/s).
-#: Raising the threshold (short prompts' prefill) needs that measurement on the target machine.
+#: --crossover`, NF4 double quant + LoRA r16, 2048x2048, x bf16): on a Xeon computing in fp32 the
+#: fused kernel took 1.10 ms at M = 16 against 2.75 ms for decoding into the shared buffer + fp32
+#: matmul, still ahead at M = 128; on an AMD EPYC computing in bf16 (bf16 dot products against a
+#: decode + bf16 GEMM) 0.63 against 0.96 ms at M = 16, behind from M = 24 on 1 thread and M = 48
+#: on 2. Raising the threshold (short prompts' prefill) needs that measurement on the target machine.
 SMALL_M_MAX = 16
 SMALL_M_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ISAS = ("auto", "avx512_bf16", "avx512", "avx2", "scalar")
