@@ -596,6 +596,39 @@ QK_AVX512 void blocked_pass_avx512(const Problem& p, int64_t row, int64_t rows, 
                                offset ? offset + whole * groups : nullptr, step);
 }
 
+// The rows `row` .. `row + rows - 1` of a group for MT = mt rows of x, in tiles of
+// tile_rows_avx512(mt) rows (the last one may be shorter): Pass<MT>::run(p, first row of the tile,
+// its rows, m0, its scales, its offsets).
+template <template <int> class Pass>
+QK_AVX512 void tiles_avx512(const Problem& p, int64_t row, int64_t rows, int64_t m0, int mt, const float* scale,
+                            const float* offset) {
+  const int64_t groups = p.four_bit() ? p.groups() : 0;
+  const int tile = mt <= 2 ? 4 : mt <= 4 ? 2 : 1;  // tile_rows_avx512(mt)
+  for (int64_t t = 0; t < rows; t += tile) {
+    const int64_t n = std::min<int64_t>(tile, rows - t);
+    const float* sc = scale + t * groups;
+    const float* of = offset ? offset + t * groups : nullptr;
+    switch (mt) {
+      case 1: Pass<1>::run(p, row + t, n, m0, sc, of); break;
+      case 2: Pass<2>::run(p, row + t, n, m0, sc, of); break;
+      case 3: Pass<3>::run(p, row + t, n, m0, sc, of); break;
+      case 4: Pass<4>::run(p, row + t, n, m0, sc, of); break;
+      case 5: Pass<5>::run(p, row + t, n, m0, sc, of); break;
+      case 6: Pass<6>::run(p, row + t, n, m0, sc, of); break;
+      case 7: Pass<7>::run(p, row + t, n, m0, sc, of); break;
+      default: Pass<8>::run(p, row + t, n, m0, sc, of); break;
+    }
+  }
+}
+
+template <int MT>
+struct ExactPass {
+  QK_AVX512 static void run(const Problem& p, int64_t row, int64_t rows, int64_t m0, const float* scale,
+                            const float* offset) {
+    pass_avx512<MT>(p, row, rows, m0, scale, offset);
+  }
+};
+
 QK_AVX512 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t groups = p.four_bit() ? p.groups() : 0;
   Floats scale(kGroupRows * groups), offset(kGroupRows * groups);
@@ -620,22 +653,7 @@ QK_AVX512 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
         m0 += mt;
         continue;
       }
-      const int tile = mt <= 2 ? 4 : mt <= 4 ? 2 : 1;  // tile_rows_avx512(mt)
-      for (int64_t t = 0; t < rows; t += tile) {
-        const int64_t n = std::min<int64_t>(tile, rows - t);
-        const float* sc = scale.data() + t * groups;
-        const float* of = off ? off + t * groups : nullptr;
-        switch (mt) {
-          case 1: pass_avx512<1>(p, row + t, n, m0, sc, of); break;
-          case 2: pass_avx512<2>(p, row + t, n, m0, sc, of); break;
-          case 3: pass_avx512<3>(p, row + t, n, m0, sc, of); break;
-          case 4: pass_avx512<4>(p, row + t, n, m0, sc, of); break;
-          case 5: pass_avx512<5>(p, row + t, n, m0, sc, of); break;
-          case 6: pass_avx512<6>(p, row + t, n, m0, sc, of); break;
-          case 7: pass_avx512<7>(p, row + t, n, m0, sc, of); break;
-          default: pass_avx512<8>(p, row + t, n, m0, sc, of); break;
-        }
-      }
+      tiles_avx512<ExactPass>(p, row, rows, m0, mt, scale.data(), off);
       m0 += mt;
     }
   }
@@ -769,6 +787,14 @@ QK_AVX512_BF16 void pass_bf16_avx512(const Problem& p, int64_t row, int64_t rows
     tile_bf16_avx512<1, MT>(p, row + r, m0, scale + r * groups, offset ? offset + r * groups : nullptr);
 }
 
+template <int MT>
+struct Bf16Pass {
+  QK_AVX512_BF16 static void run(const Problem& p, int64_t row, int64_t rows, int64_t m0, const float* scale,
+                                 const float* offset) {
+    pass_bf16_avx512<MT>(p, row, rows, m0, scale, offset);
+  }
+};
+
 QK_AVX512_BF16 void rows_bf16_avx512(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t groups = p.groups();
   Floats scale(kGroupRows * groups), offset(kGroupRows * groups);
@@ -778,22 +804,7 @@ QK_AVX512_BF16 void rows_bf16_avx512(const Problem& p, int64_t r0, int64_t r1) {
     const float* off = p.has_offset ? offset.data() : nullptr;
     for (int64_t m0 = 0; m0 < p.m;) {
       const int mt = pass_rows(p.m, m0, kMaxRowsAvx512);
-      const int tile = mt <= 2 ? 4 : mt <= 4 ? 2 : 1;  // tile_rows_avx512(mt)
-      for (int64_t t = 0; t < rows; t += tile) {
-        const int64_t n = std::min<int64_t>(tile, rows - t);
-        const float* sc = scale.data() + t * groups;
-        const float* of = off ? off + t * groups : nullptr;
-        switch (mt) {
-          case 1: pass_bf16_avx512<1>(p, row + t, n, m0, sc, of); break;
-          case 2: pass_bf16_avx512<2>(p, row + t, n, m0, sc, of); break;
-          case 3: pass_bf16_avx512<3>(p, row + t, n, m0, sc, of); break;
-          case 4: pass_bf16_avx512<4>(p, row + t, n, m0, sc, of); break;
-          case 5: pass_bf16_avx512<5>(p, row + t, n, m0, sc, of); break;
-          case 6: pass_bf16_avx512<6>(p, row + t, n, m0, sc, of); break;
-          case 7: pass_bf16_avx512<7>(p, row + t, n, m0, sc, of); break;
-          default: pass_bf16_avx512<8>(p, row + t, n, m0, sc, of); break;
-        }
-      }
+      tiles_avx512<Bf16Pass>(p, row, rows, m0, mt, scale.data(), off);
       m0 += mt;
     }
   }
