@@ -490,6 +490,24 @@ QK_AVX512 void group_params_avx512(const Problem& p, int64_t first, int64_t coun
   }
 }
 
+// Prefetch the per-group data group_params reads for groups first .. first + count - 1, so the
+// next block of rows does not start with a chain of cache misses while the weight stream waits.
+inline void prefetch_group_params(const Problem& p, int64_t first, int64_t count) {
+  const char* begin = nullptr;
+  int64_t bytes = 0;
+  switch (p.layout) {
+    case Layout::kNf4DoubleQuant: begin = reinterpret_cast<const char*>(p.absmax_codes + first); bytes = count; break;
+    case Layout::kNf4: begin = reinterpret_cast<const char*>(p.absmax + first); bytes = count * 4; break;
+    case Layout::kInt4Affine:
+      for (int64_t b = 0; b < count * 2; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(p.half_mins + first) + b, _MM_HINT_T0);
+      [[fallthrough]];
+    case Layout::kInt4Symmetric: begin = reinterpret_cast<const char*>(p.half_scales + first); bytes = count * 2; break;
+    case Layout::kInt8: return;
+  }
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(begin + b, _MM_HINT_T0);
+}
+
 // LoRA, bias, and the store into p.out of a tile's sums.
 template <int R, int MT>
 QK_AVX512 QK_INLINE void finish_tile_avx512(const Problem& p, int64_t row, int64_t m0, __m512 (*sums)[MT]) {
@@ -795,17 +813,53 @@ struct Bf16Pass {
   }
 };
 
+// Rows r0 .. r1 - 1 in blocks of kGroupRows. Plain NF4's fp32 absmax is read in place. The other
+// layouts' group values (group_params) of the next block are computed while this block runs, a
+// tile's rows after each tile, from inputs prefetched when the block starts: computed in one pass
+// before each block, their loads stalled the core with no weight in flight (1-thread M = 1
+// 4096x4096: plain NF4 read in place 0.36 -> 0.28 ms, NF4 with double quant 0.36 -> 0.32 ms).
 QK_AVX512_BF16 void rows_bf16_avx512(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t groups = p.groups();
-  Floats scale(kGroupRows * groups), offset(kGroupRows * groups);
-  for (int64_t row = r0; row < r1; row += kGroupRows) {
-    const int64_t rows = std::min<int64_t>(kGroupRows, r1 - row);
-    group_params_avx512(p, row * groups, rows * groups, scale.data(), offset.data());
-    const float* off = p.has_offset ? offset.data() : nullptr;
+  if (p.layout == Layout::kNf4) {
     for (int64_t m0 = 0; m0 < p.m;) {
       const int mt = pass_rows(p.m, m0, kMaxRowsAvx512);
-      tiles_avx512<Bf16Pass>(p, row, rows, m0, mt, scale.data(), off);
+      tiles_avx512<Bf16Pass>(p, r0, r1 - r0, m0, mt, p.absmax + r0 * groups, nullptr);
       m0 += mt;
+    }
+    return;
+  }
+  Floats scale[2] = {Floats(kGroupRows * groups), Floats(kGroupRows * groups)};
+  Floats offset[2] = {Floats(kGroupRows * groups), Floats(kGroupRows * groups)};
+  group_params_avx512(p, r0 * groups, std::min<int64_t>(kGroupRows, r1 - r0) * groups, scale[0].data(),
+                      offset[0].data());
+  int cur = 0;
+  for (int64_t row = r0; row < r1; row += kGroupRows, cur ^= 1) {
+    const int64_t rows = std::min<int64_t>(kGroupRows, r1 - row);
+    const int64_t next = row + kGroupRows, next_rows = std::min<int64_t>(kGroupRows, std::max<int64_t>(r1 - next, 0));
+    if (next_rows) prefetch_group_params(p, next * groups, next_rows * groups);
+    const float* sc = scale[cur].data();
+    const float* off = p.has_offset ? offset[cur].data() : nullptr;
+    int64_t next_done = 0;
+    for (int64_t m0 = 0; m0 < p.m;) {
+      const int mt = pass_rows(p.m, m0, kMaxRowsAvx512);
+      const int tile = mt <= 2 ? 4 : mt <= 4 ? 2 : 1;  // tile_rows_avx512(mt)
+      for (int64_t t = 0; t < rows; t += tile) {
+        const int64_t n = std::min<int64_t>(tile, rows - t);
+        tiles_avx512<Bf16Pass>(p, row + t, n, m0, mt, sc + t * groups, off ? off + t * groups : nullptr);
+        const int64_t todo = std::min<int64_t>(n, next_rows - next_done);
+        if (todo > 0) {
+          const int64_t at = next_done * groups;
+          group_params_avx512(p, (next + next_done) * groups, todo * groups, scale[cur ^ 1].data() + at,
+                              offset[cur ^ 1].data() + at);
+          next_done += todo;
+        }
+      }
+      m0 += mt;
+    }
+    if (next_done < next_rows) {
+      const int64_t at = next_done * groups;
+      group_params_avx512(p, (next + next_done) * groups, (next_rows - next_done) * groups,
+                          scale[cur ^ 1].data() + at, offset[cur ^ 1].data() + at);
     }
   }
 }
