@@ -201,7 +201,13 @@ def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return real(x, *args, **kwargs)
 
     monkeypatch.setattr(qlora_linear_module, "fused_small_m_forward", spy)
-    monkeypatch.setattr(quant_linear_module, "fused_small_m_forward", spy)  # QuantLinear's decoding step
+    real_call = quant_linear_module.small_m_call
+
+    def call_spy(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return real_call(x, *args, **kwargs)
+
+    monkeypatch.setattr(quant_linear_module, "small_m_call", call_spy)  # QuantLinear's decoding step
     return calls
 
 

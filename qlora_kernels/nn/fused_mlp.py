@@ -32,7 +32,8 @@ _CHECK_TOKENS = 32  # more rows than the small-M decode path takes, so both side
 
 
 def _projections(module: nn.Module) -> tuple[LoRALinear, LoRALinear, LoRALinear] | None:
-    layers = tuple(getattr(module, name, None) for name in PROJECTIONS)
+    modules = module._modules  # direct reads: this runs once per MLP and token while decoding
+    layers = tuple(modules.get(name) for name in PROJECTIONS)
     if not all(isinstance(layer, LoRALinear) and isinstance(layer.base, QuantLinear) for layer in layers):
         return None
     return layers
@@ -66,14 +67,15 @@ def _fusable_now(layers: tuple[LoRALinear, LoRALinear, LoRALinear], x: torch.Ten
 
 def _decode_step(layers: tuple[LoRALinear, LoRALinear, LoRALinear], x: torch.Tensor) -> torch.Tensor | None:
     """Token-by-token decoding: the three fused small-M kernel calls without `lora_swiglu_mlp`'s
-    checks and dispatch (`QuantLinear.decode_step`), or None where that kernel does not serve x."""
+    checks and dispatch (`LoRALinear.decode_step`), or None where that kernel does not serve x."""
     gate, up, down = layers
-    g = gate.base.decode_step(x, gate.lora_A.weight, gate.lora_B.weight, gate.scaling)
+    g = gate.decode_step(x)
     if g is None:
         return None
-    u = up.base.decode_step(x, up.lora_A.weight, up.lora_B.weight, up.scaling)
-    h = F.silu(g) * u
-    return down.base.qlora(h, down.lora_A.weight, down.lora_B.weight, down.scaling)
+    u = up.decode_step(x)
+    h = F.silu(g) * (u if u is not None else up(x))
+    y = down.decode_step(h)
+    return y if y is not None else down(h)
 
 
 def fused_swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
+        if not torch.is_grad_enabled():  # decoding: straight to the quantized base's kernel call
+            y = self.decode_step(x)
+            if y is not None:
+                return y
         a, b = self.lora_A.weight, self.lora_B.weight
         dropout_active = self.training and isinstance(self.dropout, nn.Dropout)
         if self.is_quantized and not dropout_active:
@@ -112,6 +116,20 @@ class LoRALinear(nn.Module):
         x_lora = self.dropout(x)
         side = F.linear(F.linear(x_lora.to(a.dtype), a), b) * self.scaling
         return y + side.to(y.dtype)
+
+    def decode_step(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`QuantLinear.decode_step` with this layer's LoRA, or None (dense base, active dropout, or a
+        call the small-M kernel does not serve). Reads the submodules' dicts directly: this runs once
+        per layer and token, and each nn.Module attribute lookup costs about a microsecond."""
+        modules = self._modules
+        base = modules["base"]
+        if not isinstance(base, QuantLinear) or base.compute_dtype not in (None, x.dtype):
+            return None
+        if self.training and isinstance(modules["dropout"], nn.Dropout):
+            return None
+        a = modules["lora_A"]._parameters["weight"]
+        b = modules["lora_B"]._parameters["weight"]
+        return base.decode_step(x, a, b, self.scaling)
 
     @torch.no_grad()
     def merge(self) -> float:

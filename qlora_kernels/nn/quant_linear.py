@@ -17,7 +17,7 @@ from torch import nn
 
 from ..formats import TENSOR_FIELDS, QuantizedTensor, quantize
 from ..ops import qlora_linear
-from ..ops.native import fused_small_m_applies, fused_small_m_forward
+from ..ops.native import fused_small_m_applies, small_m_call
 from ..ops.qlora_linear import check_backend_name
 from .dense import dense_weight, is_dense_linear
 from .weight_view import QuantizedWeightView
@@ -108,11 +108,11 @@ class QuantLinear(nn.Module):
         any buffer replaced (`.to`, `replace_weight`, `load_state_dict`) builds a new one.
         """
         buffers = self._buffers  # direct reads: nn.Module.__getattr__ costs ~1 us a field, per token per layer
-        fields = {name: buffers.get(_PREFIX + name) for name in TENSOR_FIELDS}
-        key = (self.format, self.group_size, self.symmetric, *(id(t) for t in fields.values()))
+        key = (self.format, self.group_size, self.symmetric, *map(id, buffers.values()))
         cached = self.__dict__.get("_qweight_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
+        fields = {name: buffers.get(_PREFIX + name) for name in TENSOR_FIELDS}
         qt = QuantizedTensor(
             self.format, (self.out_features, self.in_features), self.group_size, symmetric=self.symmetric, **fields
         )
@@ -170,7 +170,7 @@ class QuantLinear(nn.Module):
         (about a third of a SmolLM2-sized layer call): the packed weight is valid by construction
         and the native op checks every shape and dtype itself.
         """
-        if torch.is_grad_enabled() or x.device.type != "cpu" or self.backend not in ("auto", "native"):
+        if torch.is_grad_enabled() or not x.is_cpu or self.backend not in ("auto", "native"):
             return None
         k = self.in_features
         if x.dim() == 0 or x.shape[-1] != k or torch.is_autocast_enabled("cpu"):
@@ -179,7 +179,7 @@ class QuantLinear(nn.Module):
         qt = self.qweight
         if not fused_small_m_applies(x2, qt):
             return None
-        y, _ = fused_small_m_forward(x2, qt, lora_a, lora_b, scaling, self.bias)
+        y, _ = small_m_call(x2, qt, lora_a, lora_b, scaling, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

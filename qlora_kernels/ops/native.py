@@ -289,6 +289,25 @@ def fused_small_m_forward(
         raise ValueError(f"fused_small_m_forward: isa must be one of {ISAS}, got {isa!r}")
     if (lora_a is None) != (lora_b is None):
         raise ValueError("fused_small_m_forward: pass both lora_a and lora_b, or neither")
+    return small_m_call(x, qt, lora_a, lora_b, scaling, bias, isa)
+
+
+@functools.cache
+def _cpu_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    return nf4_table(), dynamic_table()
+
+
+def small_m_call(
+    x: torch.Tensor,
+    qt: QuantizedTensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    bias: torch.Tensor | None,
+    isa: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`fused_small_m_forward` without its Python-side argument checks (the op checks shapes and
+    dtypes itself): the per-token path of decoding, called once per layer and token."""
     if isa == "auto" and _bf16_dot_isa(x, qt):
         isa = "avx512_bf16"
     detach = torch.is_grad_enabled()  # the op has no autograd formula; without grad mode nothing to cut
@@ -298,8 +317,9 @@ def fused_small_m_forward(
         bias = (bias.detach() if detach else bias).contiguous()
     levels = nested = None
     if qt.format == "nf4":
-        levels = nf4_table()
-        nested = dynamic_table() if qt.double_quant else None
+        levels, nested = _cpu_tables()
+        if not qt.double_quant:
+            nested = None
     y, xa = torch.ops.qlora_kernels.qlora_small_m(
         (x.detach() if detach else x).contiguous(),
         qt.format,
