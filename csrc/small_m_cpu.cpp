@@ -81,28 +81,32 @@ constexpr int64_t kXBlockBytes = 24 * 1024;  // a block of x this large stays in
 // How far ahead in the packed weight to prefetch: rows are back to back, so this reaches the
 // next tiles' rows (8 KB: measured best of 1-16 KB, 1.5x over none for 4096x4096 at M = 1).
 constexpr int64_t kPrefetchBytes = 8192;
+// How far ahead to prefetch LoRA B's rows (read once per output row, in the epilogue).
+constexpr int64_t kLoraPrefetchRows = 16;
 
 enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Bf16 };
 
-// A zero-filled fp32 buffer aligned to a cache line, so no vector load of it splits two lines.
-class Floats {
+// A zero-filled buffer aligned to a cache line, so no vector load of it splits two lines.
+template <typename T>
+class Aligned {
  public:
-  explicit Floats(int64_t count = 0) { resize(count); }
+  explicit Aligned(int64_t count = 0) { resize(count); }
   void resize(int64_t count) {
-    const size_t bytes = ((std::max<int64_t>(count, 1) * sizeof(float) + 63) / 64) * 64;
-    data_.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+    const size_t bytes = ((std::max<int64_t>(count, 1) * sizeof(T) + 63) / 64) * 64;
+    data_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
     TORCH_CHECK(data_ != nullptr, "qlora_small_m: out of memory allocating ", bytes, " bytes");
     std::memset(data_.get(), 0, bytes);
   }
-  float* data() { return data_.get(); }
-  float& operator[](int64_t i) { return data_.get()[i]; }
+  T* data() { return data_.get(); }
+  T& operator[](int64_t i) { return data_.get()[i]; }
 
  private:
   struct Free {
-    void operator()(float* p) const { std::free(p); }
+    void operator()(T* p) const { std::free(p); }
   };
-  std::unique_ptr<float, Free> data_;
+  std::unique_ptr<T, Free> data_;
 };
+using Floats = Aligned<float>;
 
 #if QK_X86
 Isa detect_isa() {
@@ -158,6 +162,8 @@ struct Problem {
   const float* absmax = nullptr;         // nf4 (N*K/G,)
   const uint8_t* absmax_codes = nullptr;   // nf4 double quant (N*K/G,)
   const float* nested_code = nullptr;      // (256,)
+  alignas(64) uint16_t nested_low[256] = {};   // nested_code's bits 0-15 and 16-31 (the AVX-512 lookup)
+  alignas(64) uint16_t nested_high[256] = {};
   const float* absmax_scales = nullptr;    // (ceil(N*K/G / 256),)
   float absmax_offset = 0.0f;
   alignas(64) float base[16] = {};  // a code's value before the group scale: NF4 level, q - 8 or q
@@ -165,7 +171,8 @@ struct Problem {
   // activations
   const float* x = nullptr;   // (M, K) fp32
   const float* xp = nullptr;  // (M, K) fp32, columns reordered per vector (4-bit formats, SIMD paths)
-  const uint16_t* xb = nullptr;  // (M, K) bf16 bits, per 64 columns [32 even | 32 odd] (bf16 dot products)
+  const uint16_t* xb = nullptr;  // (M, ldxb) bf16 bits reordered per 128 columns (bf16 dot products)
+  int64_t ldxb = 0;
   // LoRA
   int64_t r = 0;
   const float* xa_scaled = nullptr;  // (M, r): scaling * x A^T
@@ -443,29 +450,46 @@ QK_AVX512 QK_INLINE float lora_reduce_avx512(const Problem& p, int64_t row, int6
   return _mm512_reduce_add_ps(v);
 }
 
-// table[codes] for a 256-entry table: eight 32-entry two-register permutes, then pick by bits 5-7
-// (cheaper than a gather here).
-QK_AVX512 QK_INLINE __m512 lookup256_avx512(const float* table, __m512i codes) {
-  __m512 part[8];
-  for (int j = 0; j < 8; ++j)
-    part[j] = _mm512_permutex2var_ps(_mm512_loadu_ps(table + 32 * j), codes, _mm512_loadu_ps(table + 32 * j + 16));
-  const __mmask16 bit5 = _mm512_test_epi32_mask(codes, _mm512_set1_epi32(32));
-  const __mmask16 bit6 = _mm512_test_epi32_mask(codes, _mm512_set1_epi32(64));
-  const __mmask16 bit7 = _mm512_test_epi32_mask(codes, _mm512_set1_epi32(128));
-  for (int j = 0; j < 4; ++j) part[j] = _mm512_mask_blend_ps(bit5, part[2 * j], part[2 * j + 1]);
-  for (int j = 0; j < 2; ++j) part[j] = _mm512_mask_blend_ps(bit6, part[2 * j], part[2 * j + 1]);
-  return _mm512_mask_blend_ps(bit7, part[0], part[1]);
+// One 16-bit half of a 256-entry table at 32 codes (16-bit lanes): four 64-entry two-register
+// permutes, then pick by bits 6-7.
+QK_AVX512 QK_INLINE __m512i lookup256_half_avx512(const uint16_t* half, __m512i codes, __mmask32 bit6, __mmask32 bit7) {
+  __m512i part[4];
+  for (int j = 0; j < 4; ++j)
+    part[j] = _mm512_permutex2var_epi16(_mm512_load_si512(half + 64 * j), codes, _mm512_load_si512(half + 64 * j + 32));
+  return _mm512_mask_blend_epi16(bit7, _mm512_mask_blend_epi16(bit6, part[0], part[1]),
+                                 _mm512_mask_blend_epi16(bit6, part[2], part[3]));
+}
+
+// nested_code[codes] for 32 absmax codes, as two vectors of 16 floats: the table is looked up as
+// two 16-bit halves, 32 lanes at a time, and the halves interleaved back into floats (about half
+// the shuffles of a 16-lane fp32 lookup, which one core issued at about one group per cycle).
+QK_AVX512 QK_INLINE void nested_lookup_avx512(const Problem& p, __m256i codes8, __m512* out) {
+  const __m512i codes = _mm512_cvtepu8_epi16(codes8);
+  const __mmask32 bit6 = _mm512_test_epi16_mask(codes, _mm512_set1_epi16(64));
+  const __mmask32 bit7 = _mm512_test_epi16_mask(codes, _mm512_set1_epi16(128));
+  const __m512i low = lookup256_half_avx512(p.nested_low, codes, bit6, bit7);
+  const __m512i high = lookup256_half_avx512(p.nested_high, codes, bit6, bit7);
+  // word 2i of float i from `low` (index i), word 2i + 1 from `high` (index 32 + i)
+  const __m512i first = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
+                                         6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
+  out[0] = _mm512_castsi512_ps(_mm512_permutex2var_epi16(low, first, high));
+  out[1] = _mm512_castsi512_ps(_mm512_permutex2var_epi16(low, second, high));
 }
 
 // group_params for the 4-bit formats, 16 groups at a time.
 QK_AVX512 void group_params_avx512(const Problem& p, int64_t first, int64_t count, float* scale, float* offset) {
+  __m512 nested[2];
   for (int64_t g = 0; g < count; g += 16) {
     const __mmask16 mask = count - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (count - g)) - 1);
     const int64_t b0 = first + g;
     if (p.layout == Layout::kNf4DoubleQuant) {
-      // absmax = dynamic[code] * absmax_scales[block // 256] + absmax_offset
-      const __m512 nested = lookup256_avx512(
-          p.nested_code, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, p.absmax_codes + b0)));
+      // absmax = dynamic[code] * absmax_scales[block // 256] + absmax_offset; codes looked up 32 at a time
+      if (g % 32 == 0) {
+        const int64_t n = std::min<int64_t>(32, count - g);
+        const __mmask32 codes = n == 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1);
+        nested_lookup_avx512(p, _mm256_maskz_loadu_epi8(codes, p.absmax_codes + b0), nested);
+      }
       // 16 consecutive blocks span at most two nested blocks: pick between their two scales.
       const int64_t in_block = b0 % kNestedBlock;
       const float* nested_scale = p.absmax_scales + b0 / kNestedBlock;
@@ -475,7 +499,7 @@ QK_AVX512 void group_params_avx512(const Problem& p, int64_t first, int64_t coun
       const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(in_block)),
                                              _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
       const __mmask16 second = _mm512_cmpge_epi32_mask(lanes, _mm512_set1_epi32(static_cast<int>(kNestedBlock)));
-      const __m512 scaled = _mm512_mul_ps(nested, _mm512_mask_blend_ps(second, s0, s1));
+      const __m512 scaled = _mm512_mul_ps(nested[(g / 16) % 2], _mm512_mask_blend_ps(second, s0, s1));
       _mm512_mask_storeu_ps(scale + g, mask, _mm512_add_ps(scaled, _mm512_set1_ps(p.absmax_offset)));
     } else if (p.layout == Layout::kNf4) {
       _mm512_mask_storeu_ps(scale + g, mask, _mm512_maskz_loadu_ps(mask, p.absmax + b0));
@@ -490,27 +514,33 @@ QK_AVX512 void group_params_avx512(const Problem& p, int64_t first, int64_t coun
   }
 }
 
+// Prefetch every cache line of `bytes` bytes from `data` into L2 (a block of rows ahead: in L1 the
+// weight stream evicts it before use).
+inline void prefetch_range(const void* data, int64_t bytes) {
+  const auto begin = reinterpret_cast<uintptr_t>(data);
+  for (uintptr_t line = begin & ~uintptr_t{63}; line < begin + bytes; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T1);
+}
+
 // Prefetch the per-group data group_params reads for groups first .. first + count - 1, so the
 // next block of rows does not start with a chain of cache misses while the weight stream waits.
 inline void prefetch_group_params(const Problem& p, int64_t first, int64_t count) {
-  const char* begin = nullptr;
-  int64_t bytes = 0;
   switch (p.layout) {
-    case Layout::kNf4DoubleQuant: begin = reinterpret_cast<const char*>(p.absmax_codes + first); bytes = count; break;
-    case Layout::kNf4: begin = reinterpret_cast<const char*>(p.absmax + first); bytes = count * 4; break;
-    case Layout::kInt4Affine:
-      for (int64_t b = 0; b < count * 2; b += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(p.half_mins + first) + b, _MM_HINT_T0);
-      [[fallthrough]];
-    case Layout::kInt4Symmetric: begin = reinterpret_cast<const char*>(p.half_scales + first); bytes = count * 2; break;
-    case Layout::kInt8: return;
+    case Layout::kNf4DoubleQuant: prefetch_range(p.absmax_codes + first, count); break;
+    case Layout::kNf4: prefetch_range(p.absmax + first, count * 4); break;
+    case Layout::kInt4Affine: prefetch_range(p.half_mins + first, count * 2); [[fallthrough]];
+    case Layout::kInt4Symmetric: prefetch_range(p.half_scales + first, count * 2); break;
+    case Layout::kInt8: break;
   }
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(begin + b, _MM_HINT_T0);
 }
 
 // LoRA, bias, and the store into p.out of a tile's sums.
 template <int R, int MT>
 QK_AVX512 QK_INLINE void finish_tile_avx512(const Problem& p, int64_t row, int64_t m0, __m512 (*sums)[MT]) {
+  if (p.r) {  // B's rows a few tiles on: a second stream the hardware prefetcher left to miss
+    const char* ahead = reinterpret_cast<const char*>(p.lora_b + std::min(row + kLoraPrefetchRows, p.n - 1) * p.r);
+    for (int64_t b = 0; b < R * p.r * 4; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+  }
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < MT; ++i) {
       float v = lora_reduce_avx512(p, row + r, m0 + i, sums[r][i]);
@@ -694,85 +724,128 @@ QK_AVX512 float dot_avx512(const float* a, const float* b, int64_t k) {
 // For bf16 x on a CPU with avx512_bf16, where the compute-dtype policy multiplies in bf16: each
 // group's 16 values (computed in fp32 as above) are rounded to bf16 (RNE, as the dense bf16 path
 // rounds its decoded weight), `vpermw` turns 32 codes into 32 bf16 weights, and `vdpbf16ps`
-// multiplies pairs of them with x into fp32 accumulators (exact products, fp32 sums). Per 64
-// weights that is 6 vector instructions against 12 for the fp32 path, which one core cannot
-// issue fast enough to keep up with memory. x is reordered per 64 columns as [32 even | 32 odd].
-// With group_size 32 a 64-column chunk spans two groups: the 32-entry table holds both, and the
-// upper 16 lanes' codes get bit 4 set; with larger groups the table is the group's 16 values twice,
-// so the low nibble's index needs no masking.
-constexpr int64_t kChunkBf16 = 64;  // weights per 32 packed bytes
+// multiplies pairs of them with x into fp32 accumulators (exact products, fp32 sums).
+//
+// A chunk is 128 columns: 64 packed bytes, loaded as 32 16-bit words. Word j holds the chunk's
+// columns 4j .. 4j + 3, in bits 0-3 column 4j + 1, 4-7 column 4j, 8-11 column 4j + 3 and 12-15
+// column 4j + 2 (a byte's high nibble is its even column). vpermw reads the low 5 bits of each
+// word, so the word shifted by 0, 4, 8 and 12 bits looks up its four codes with no widening
+// shuffle, and x is reordered per chunk to match (kNibbleColumn). Per 128 weights that is one
+// 64-byte load (one cache line, one prefetch), 3 shifts, 4 vpermw and 4 vdpbf16ps; the previous
+// 64-column form needed two widening shuffles more, and one core was bound by its shuffles
+// (1-thread M = 1 5632x2048 in a micro-benchmark: 29 -> 35 GB/s).
+//
+// Lanes 0-15 of a chunk cover its columns 0-63, lanes 16-31 columns 64-127. Groups of 128 or more
+// put one group's 16 values in both halves of the 32-entry table, so bit 4 of an index does not
+// matter; group_size 64 puts the chunk's two groups in the two halves, and the upper lanes' index
+// gets bit 4 set; group_size 32 has four groups a chunk, looked up in a 64-entry two-register table
+// (vpermt2w) with the lane's group in bits 4-5. A row's last chunk may be short (K a multiple of 32,
+// not of 128): its bytes are loaded under a mask, the missing codes read as 0 and meet x's zero
+// padding, and the missing groups repeat the row's last one.
+constexpr int64_t kChunkBf16 = 128;  // weights per 64 packed bytes
+constexpr int kNibbleColumn[4] = {1, 0, 3, 2};  // the column (of 4j .. 4j + 3) of a word's bits 4s .. 4s + 3
+constexpr int kMaxRowsBf16 = 8;
 
-QK_AVX512_BF16 QK_INLINE __m256i group_table_bf16(__m512 base, const float* scale, const float* offset, int64_t g) {
-  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(group_table(base, scale, offset, g)));
+// x's columns a chunk per row: K rounded up to whole chunks.
+inline int64_t padded_k_bf16(int64_t k) { return (k + kChunkBf16 - 1) / kChunkBf16 * kChunkBf16; }
+
+// Weight rows per tile and accumulators per (row, x row) for MT rows of x (at most 16 accumulators).
+constexpr int tile_rows_bf16(int mt) { return mt == 1 ? 4 : mt <= 4 ? 2 : 1; }
+constexpr int accumulators_bf16(int mt) { return mt == 1 ? 2 : 2; }
+
+// A 32-entry bf16 table: lanes 0-15 from `low`, 16-31 from `high`, each rounded to bf16 (RNE).
+QK_AVX512_BF16 QK_INLINE __m512i table_bf16(__m512 low, __m512 high) {
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low));
 }
 
-// One 64-column chunk of R weight rows (32 packed bytes each, `stride` bytes apart) times MT rows
-// of bf16 x, into acc[r][i][0 / 1] (even / odd columns). PAIR: the table's halves are two groups.
-template <int R, int MT, bool PAIR>
-QK_AVX512_BF16 QK_INLINE void chunk4_bf16_avx512(const uint8_t* q, int64_t stride, const __m512i* table,
-                                                 const uint16_t* xb, int64_t ldx, __m512 (*acc)[MT][2]) {
-  const __m512i upper = _mm512_maskz_set1_epi16(0xFFFF0000u, 16);  // bit 4 of the upper 16 lanes' codes
-  __m512bh xe[MT], xo[MT];
-#pragma GCC unroll 8
-  for (int i = 0; i < MT; ++i) {
-    xe[i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + i * ldx));
-    xo[i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + i * ldx + 32));
+// The lookup table(s) of chunk c of one row (scale / offset: that row's groups). TAIL: the row's
+// last, short chunk, whose groups past the row's end repeat its last group.
+template <int G, bool TAIL>
+QK_AVX512_BF16 QK_INLINE void chunk_tables_bf16(__m512 base, const float* scale, const float* offset,
+                                                int64_t groups, int64_t c, __m512i* table) {
+  const int64_t last = TAIL ? groups - 1 : INT64_MAX;
+  if constexpr (G == 32) {
+    const int64_t g = 4 * c;
+    table[0] = table_bf16(group_table(base, scale, offset, g), group_table(base, scale, offset, std::min(g + 1, last)));
+    table[1] = table_bf16(group_table(base, scale, offset, std::min(g + 2, last)),
+                          group_table(base, scale, offset, std::min(g + 3, last)));
+  } else if constexpr (G == 64) {
+    const int64_t g = 2 * c;
+    table[0] = table_bf16(group_table(base, scale, offset, g), group_table(base, scale, offset, std::min(g + 1, last)));
+  } else {
+    const __m512 t = group_table(base, scale, offset, c * kChunkBf16 / G);
+    table[0] = table_bf16(t, t);
   }
+}
+
+// One chunk of R weight rows (64 packed bytes each, `stride` bytes apart; `bytes` < 64 of them in
+// a short chunk) times MT rows of reordered bf16 x, into acc[r][i][s % A].
+template <int R, int MT, int G, int A, bool TAIL>
+QK_AVX512_BF16 QK_INLINE void chunk_bf16_avx512(const uint8_t* q, int64_t stride, const __m512i (*table)[2],
+                                                const uint16_t* xb, int64_t ldx, __mmask64 bytes,
+                                                __m512 (*acc)[MT][A]) {
+  const __m512i low = _mm512_set1_epi16(0x0F);
+  // The lane's group slot: bit 4 on the upper 16 lanes (G = 64), bits 4-5 = lane / 8 (G = 32).
+  const __m512i slot =
+      G == 32 ? _mm512_set_epi64(0x0030003000300030ll, 0x0030003000300030ll, 0x0020002000200020ll,
+                                 0x0020002000200020ll, 0x0010001000100010ll, 0x0010001000100010ll, 0, 0)
+              : _mm512_maskz_set1_epi16(0xFFFF0000u, 16);
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-    const __m512i codes =
-        _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * stride)));
-    // vpermw reads the low 5 bits of each index: the high nibble needs a shift, the low one a
-    // mask only when bit 4 picks the second group.
-    __m512i even_idx = _mm512_srli_epi16(codes, 4), odd_idx = codes;
-    if constexpr (PAIR) {
-      even_idx = _mm512_or_si512(even_idx, upper);
-      odd_idx = _mm512_ternarylogic_epi32(codes, _mm512_set1_epi16(0x0F), upper, 0xEA);  // (codes & 15) | upper
-    }
-    const __m512bh even = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(even_idx, table[r]));
-    const __m512bh odd = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(odd_idx, table[r]));
+    const __m512i words = TAIL ? _mm512_maskz_loadu_epi8(bytes, q + r * stride)
+                               : _mm512_loadu_si512(q + r * stride);
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s) {
+      __m512i idx = s ? _mm512_srli_epi16(words, 4 * s) : words;
+      if constexpr (G <= 64) {
+        idx = s < 3 ? _mm512_ternarylogic_epi32(idx, low, slot, 0xEA)  // (idx & 15) | slot
+                    : _mm512_or_si512(idx, slot);                      // bits 12-15 shifted down: < 16
+      }
+      const __m512bh w = reinterpret_cast<__m512bh>(G == 32 ? _mm512_permutex2var_epi16(table[r][0], idx, table[r][1])
+                                                            : _mm512_permutexvar_epi16(idx, table[r][0]));
 #pragma GCC unroll 8
-    for (int i = 0; i < MT; ++i) {
-      acc[r][i][0] = _mm512_dpbf16_ps(acc[r][i][0], even, xe[i]);
-      acc[r][i][1] = _mm512_dpbf16_ps(acc[r][i][1], odd, xo[i]);
+      for (int i = 0; i < MT; ++i) {
+        const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + i * ldx + s * 32));
+        acc[r][i][s % A] = _mm512_dpbf16_ps(acc[r][i][s % A], w, xv);
+      }
     }
   }
 }
 
-// sums[r][i] = x_i . W_r over whole 4-bit rows, x_i in bf16. CPG: 64-column chunks per group
-// (1, 2 or 4); 0 for group_size 32, whose chunks span two groups.
-template <int R, int MT, int CPG>
+// sums[r][i] = x_i . W_r over whole 4-bit rows (K columns), x_i in reordered bf16.
+template <int R, int MT, int G>
 QK_AVX512_BF16 void dot4_bf16_avx512(const uint8_t* q, int64_t stride, __m512 base, const float* scale,
                                      const float* offset, int64_t groups, const uint16_t* xb, int64_t ldx,
-                                     int64_t chunks, __m512 (*sums)[MT]) {
-  constexpr int STEP = CPG ? CPG : 1;  // chunks per table
-  __m512 acc[R][MT][2];
+                                     int64_t k, __m512 (*sums)[MT]) {
+  constexpr int A = accumulators_bf16(MT);
+  constexpr int64_t kChunksPerTable = G > kChunkBf16 ? G / kChunkBf16 : 1;
+  __m512 acc[R][MT][A];
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < MT; ++i) acc[r][i][0] = acc[r][i][1] = _mm512_setzero_ps();
-  __m512i table[R];
-  for (int64_t c = 0; c < chunks; c += STEP) {
+    for (int i = 0; i < MT; ++i)
+      for (int a = 0; a < A; ++a) acc[r][i][a] = _mm512_setzero_ps();
+  __m512i table[R][2];
+  const auto row_scale = [&](int r) { return scale + r * groups; };
+  const auto row_offset = [&](int r) { return offset ? offset + r * groups : nullptr; };
+  const int64_t whole = k / kChunkBf16;
+  for (int64_t c = 0; c < whole; ++c) {
+    if (c % kChunksPerTable == 0) {
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const float* sc = scale + r * groups;
-      const float* of = offset ? offset + r * groups : nullptr;
-      if constexpr (CPG == 0) {
-        const __m256i first = group_table_bf16(base, sc, of, 2 * c);
-        table[r] = _mm512_inserti64x4(_mm512_castsi256_si512(first), group_table_bf16(base, sc, of, 2 * c + 1), 1);
-      } else {
-        const __m256i t = group_table_bf16(base, sc, of, c / CPG);
-        table[r] = _mm512_inserti64x4(_mm512_castsi256_si512(t), t, 1);
-      }
+      for (int r = 0; r < R; ++r) chunk_tables_bf16<G, false>(base, row_scale(r), row_offset(r), groups, c, table[r]);
     }
 #pragma GCC unroll 4
-    for (int j = 0; j < STEP; ++j) {
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(q + r * stride + (c + j) * 32 + kPrefetchBytes), _MM_HINT_T0);
-      chunk4_bf16_avx512<R, MT, CPG == 0>(q + (c + j) * 32, stride, table, xb + (c + j) * kChunkBf16, ldx, acc);
+    for (int r = 0; r < R; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(q + r * stride + c * 64 + kPrefetchBytes), _MM_HINT_T0);
+    chunk_bf16_avx512<R, MT, G, A, false>(q + c * 64, stride, table, xb + c * kChunkBf16, ldx, 0, acc);
+  }
+  if constexpr (G <= 64) {  // larger groups divide K into whole chunks
+    if (const int64_t rest = k - whole * kChunkBf16) {
+      for (int r = 0; r < R; ++r) chunk_tables_bf16<G, true>(base, row_scale(r), row_offset(r), groups, whole, table[r]);
+      const __mmask64 bytes = (__mmask64{1} << (rest / 2)) - 1;
+      chunk_bf16_avx512<R, MT, G, A, true>(q + whole * 64, stride, table, xb + whole * kChunkBf16, ldx, bytes, acc);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < MT; ++i) sums[r][i] = _mm512_add_ps(acc[r][i][0], acc[r][i][1]);
+    for (int i = 0; i < MT; ++i) sums[r][i] = tree_sum<A>(acc[r][i]);
 }
 
 template <int R, int MT>
@@ -780,38 +853,45 @@ QK_AVX512_BF16 void tile_bf16_avx512(const Problem& p, int64_t row, int64_t m0, 
                                      const float* offset) {
   __m512 sums[R][MT];
   const __m512 base = _mm512_load_ps(p.base);
-  const int64_t stride = p.k / 2, groups = p.groups(), chunks = p.k / kChunkBf16;
+  const int64_t stride = p.k / 2, groups = p.groups();
   const uint8_t* q = p.q4 + row * stride;
-  const uint16_t* xb = p.xb + m0 * p.k;
-  switch (p.group / kChunkBf16) {
-    case 0: dot4_bf16_avx512<R, MT, 0>(q, stride, base, scale, offset, groups, xb, p.k, chunks, sums); break;
-    case 1: dot4_bf16_avx512<R, MT, 1>(q, stride, base, scale, offset, groups, xb, p.k, chunks, sums); break;
-    case 2: dot4_bf16_avx512<R, MT, 2>(q, stride, base, scale, offset, groups, xb, p.k, chunks, sums); break;
-    default: dot4_bf16_avx512<R, MT, 4>(q, stride, base, scale, offset, groups, xb, p.k, chunks, sums); break;
+  const uint16_t* xb = p.xb + m0 * p.ldxb;
+  switch (p.group) {
+    case 32: dot4_bf16_avx512<R, MT, 32>(q, stride, base, scale, offset, groups, xb, p.ldxb, p.k, sums); break;
+    case 64: dot4_bf16_avx512<R, MT, 64>(q, stride, base, scale, offset, groups, xb, p.ldxb, p.k, sums); break;
+    case 128: dot4_bf16_avx512<R, MT, 128>(q, stride, base, scale, offset, groups, xb, p.ldxb, p.k, sums); break;
+    default: dot4_bf16_avx512<R, MT, 256>(q, stride, base, scale, offset, groups, xb, p.ldxb, p.k, sums); break;
   }
   finish_tile_avx512<R, MT>(p, row, m0, sums);
 }
 
+// Rows `row` .. `row + rows - 1` for MT rows of x: whole tiles, then the rows left one by one.
 template <int MT>
 QK_AVX512_BF16 void pass_bf16_avx512(const Problem& p, int64_t row, int64_t rows, int64_t m0, const float* scale,
                                      const float* offset) {
-  constexpr int R = tile_rows_avx512(MT);
+  constexpr int R = tile_rows_bf16(MT);
   const int64_t groups = p.groups();
-  if (rows == R) {
-    tile_bf16_avx512<R, MT>(p, row, m0, scale, offset);
-    return;
-  }
-  for (int64_t r = 0; r < rows; ++r)
-    tile_bf16_avx512<1, MT>(p, row + r, m0, scale + r * groups, offset ? offset + r * groups : nullptr);
+  int64_t t = 0;
+  for (; t + R <= rows; t += R)
+    tile_bf16_avx512<R, MT>(p, row + t, m0, scale + t * groups, offset ? offset + t * groups : nullptr);
+  for (; t < rows; ++t)
+    tile_bf16_avx512<1, MT>(p, row + t, m0, scale + t * groups, offset ? offset + t * groups : nullptr);
 }
 
-template <int MT>
-struct Bf16Pass {
-  QK_AVX512_BF16 static void run(const Problem& p, int64_t row, int64_t rows, int64_t m0, const float* scale,
-                                 const float* offset) {
-    pass_bf16_avx512<MT>(p, row, rows, m0, scale, offset);
+// pass_bf16_avx512<mt>.
+QK_AVX512_BF16 void pass_bf16(const Problem& p, int64_t row, int64_t rows, int64_t m0, int mt, const float* scale,
+                              const float* offset) {
+  switch (mt) {
+    case 1: pass_bf16_avx512<1>(p, row, rows, m0, scale, offset); break;
+    case 2: pass_bf16_avx512<2>(p, row, rows, m0, scale, offset); break;
+    case 3: pass_bf16_avx512<3>(p, row, rows, m0, scale, offset); break;
+    case 4: pass_bf16_avx512<4>(p, row, rows, m0, scale, offset); break;
+    case 5: pass_bf16_avx512<5>(p, row, rows, m0, scale, offset); break;
+    case 6: pass_bf16_avx512<6>(p, row, rows, m0, scale, offset); break;
+    case 7: pass_bf16_avx512<7>(p, row, rows, m0, scale, offset); break;
+    default: pass_bf16_avx512<8>(p, row, rows, m0, scale, offset); break;
   }
-};
+}
 
 // Rows r0 .. r1 - 1 in blocks of kGroupRows. Plain NF4's fp32 absmax is read in place. The other
 // layouts' group values (group_params) of the next block are computed while this block runs, a
@@ -822,8 +902,8 @@ QK_AVX512_BF16 void rows_bf16_avx512(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t groups = p.groups();
   if (p.layout == Layout::kNf4) {
     for (int64_t m0 = 0; m0 < p.m;) {
-      const int mt = pass_rows(p.m, m0, kMaxRowsAvx512);
-      tiles_avx512<Bf16Pass>(p, r0, r1 - r0, m0, mt, p.absmax + r0 * groups, nullptr);
+      const int mt = pass_rows(p.m, m0, kMaxRowsBf16);
+      pass_bf16(p, r0, r1 - r0, m0, mt, p.absmax + r0 * groups, nullptr);
       m0 += mt;
     }
     return;
@@ -832,20 +912,24 @@ QK_AVX512_BF16 void rows_bf16_avx512(const Problem& p, int64_t r0, int64_t r1) {
   Floats offset[2] = {Floats(kGroupRows * groups), Floats(kGroupRows * groups)};
   group_params_avx512(p, r0 * groups, std::min<int64_t>(kGroupRows, r1 - r0) * groups, scale[0].data(),
                       offset[0].data());
+  const auto prefetch_block = [&](int64_t first_row) {
+    if (first_row < r1) prefetch_group_params(p, first_row * groups, std::min(kGroupRows, r1 - first_row) * groups);
+  };
+  prefetch_block(r0 + kGroupRows);
   int cur = 0;
   for (int64_t row = r0; row < r1; row += kGroupRows, cur ^= 1) {
     const int64_t rows = std::min<int64_t>(kGroupRows, r1 - row);
     const int64_t next = row + kGroupRows, next_rows = std::min<int64_t>(kGroupRows, std::max<int64_t>(r1 - next, 0));
-    if (next_rows) prefetch_group_params(p, next * groups, next_rows * groups);
+    prefetch_block(next + kGroupRows);  // a block ahead of the one computed during this block: a miss takes longer than a block
     const float* sc = scale[cur].data();
     const float* off = p.has_offset ? offset[cur].data() : nullptr;
     int64_t next_done = 0;
     for (int64_t m0 = 0; m0 < p.m;) {
-      const int mt = pass_rows(p.m, m0, kMaxRowsAvx512);
-      const int tile = mt <= 2 ? 4 : mt <= 4 ? 2 : 1;  // tile_rows_avx512(mt)
+      const int mt = pass_rows(p.m, m0, kMaxRowsBf16);
+      const int tile = mt == 1 ? 4 : mt <= 4 ? 2 : 1;  // tile_rows_bf16(mt)
       for (int64_t t = 0; t < rows; t += tile) {
         const int64_t n = std::min<int64_t>(tile, rows - t);
-        tiles_avx512<Bf16Pass>(p, row + t, n, m0, mt, sc + t * groups, off ? off + t * groups : nullptr);
+        pass_bf16(p, row + t, n, m0, mt, sc + t * groups, off ? off + t * groups : nullptr);
         const int64_t todo = std::min<int64_t>(n, next_rows - next_done);
         if (todo > 0) {
           const int64_t at = next_done * groups;
@@ -864,14 +948,16 @@ QK_AVX512_BF16 void rows_bf16_avx512(const Problem& p, int64_t r0, int64_t r1) {
   }
 }
 
-// bf16 bits of x reordered per 64 columns as [32 even | 32 odd] (K a multiple of 64).
-void reorder_bf16(const c10::BFloat16* x, uint16_t* out, int64_t m, int64_t k) {
+// bf16 bits of x reordered per chunk for the nibble lookups: out[i * ldx + 128 c + 32 s + j] =
+// x[i, 128 c + 4 j + kNibbleColumn[s]], and 0 past column K (ldx = padded_k_bf16(K)).
+void reorder_bf16(const c10::BFloat16* x, uint16_t* out, int64_t m, int64_t k, int64_t ldx) {
   for (int64_t i = 0; i < m; ++i)
-    for (int64_t b = 0; b < k; b += kChunkBf16)
-      for (int64_t j = 0; j < kChunkBf16 / 2; ++j) {
-        out[i * k + b + j] = x[i * k + b + 2 * j].x;
-        out[i * k + b + kChunkBf16 / 2 + j] = x[i * k + b + 2 * j + 1].x;
-      }
+    for (int64_t c = 0; c < ldx; c += kChunkBf16)
+      for (int s = 0; s < 4; ++s)
+        for (int64_t j = 0; j < 32; ++j) {
+          const int64_t col = c + 4 * j + kNibbleColumn[s];
+          out[i * ldx + c + 32 * s + j] = col < k ? x[i * k + col].x : 0;
+        }
 }
 
 // -------------------------------------------------------------------------------- AVX2
@@ -1149,6 +1235,12 @@ std::tuple<at::Tensor, at::Tensor> qlora_small_m(
         check_field(op, "absmax_offset", *absmax_offset, at::kFloat, {1});
         p.absmax_codes = scales.data_ptr<uint8_t>();
         p.nested_code = nested_code->data_ptr<float>();
+        for (int i = 0; i < 256; ++i) {
+          uint32_t bits;
+          std::memcpy(&bits, p.nested_code + i, sizeof(bits));
+          p.nested_low[i] = static_cast<uint16_t>(bits);
+          p.nested_high[i] = static_cast<uint16_t>(bits >> 16);
+        }
         p.absmax_scales = absmax_scales->data_ptr<float>();
         p.absmax_offset = *absmax_offset->data_ptr<float>();
       } else {
@@ -1191,12 +1283,13 @@ std::tuple<at::Tensor, at::Tensor> qlora_small_m(
     reorder_even_odd(x32.data(), xp.data(), p.m, k, isa >= Isa::kAvx512 ? 16 : 8);
     p.xp = xp.data();
   }
-  // bf16 dot products: bf16 x and a 4-bit weight whose rows are whole 64-column chunks.
-  std::vector<uint16_t> xb;
+  // bf16 dot products: bf16 x and a 4-bit weight.
+  Aligned<uint16_t> xb;
 #if QK_X86
-  if (isa == Isa::kAvx512Bf16 && p.four_bit() && x.scalar_type() == at::kBFloat16 && k % kChunkBf16 == 0) {
-    xb.resize(p.m * k);
-    reorder_bf16(x.data_ptr<c10::BFloat16>(), xb.data(), p.m, k);
+  if (isa == Isa::kAvx512Bf16 && p.four_bit() && x.scalar_type() == at::kBFloat16) {
+    p.ldxb = padded_k_bf16(k);
+    xb.resize(p.m * p.ldxb);
+    reorder_bf16(x.data_ptr<c10::BFloat16>(), xb.data(), p.m, k, p.ldxb);
     p.xb = xb.data();
   }
 #endif

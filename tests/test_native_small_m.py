@@ -161,18 +161,17 @@ def test_bf16_dot_products_equal_a_matmul_with_the_weight_rounded_to_bf16(config
     """The bf16 path is the dense bf16 path's arithmetic: x times the decoded weight rounded to bf16
     (exact products, fp32 sums); its rounded output equals that product computed in fp64, but for
     the rare element where the fp32 sum sits within one rounding of a bf16 tie."""
-    fmt, group, opts, _ = config
-    k = 4 * max(group, 64)  # whole 64-column chunks (other K take the fp32 path)
-    qt = qk.quantize(_weight(67, k, seed=k), fmt, group_size=group, **opts)
-    w16 = qt.dequantize(torch.float32).bfloat16().double()
-    for m in (1, 3, 9, 16):
-        x = torch.randn(m, k).bfloat16()
-        y, _ = native.fused_small_m_forward(x, qt, isa="avx512_bf16")
-        expected = (x.double() @ w16.t()).bfloat16()
-        assert (y == expected).float().mean() >= 0.99, f"{fmt} g{group} M={m}"
-        assert_matches_reference(
-            y, _reference32(x, qt, None, None, 1.0, None), torch.bfloat16, f"{fmt} M={m}", "avx512_bf16"
-        )
+    fmt, group, opts, odd_ks = config
+    for k in (4 * max(group, 128), *odd_ks):  # whole 128-column chunks, and rows ending in a short one
+        qt = qk.quantize(_weight(67, k, seed=k), fmt, group_size=group, **opts)
+        w16 = qt.dequantize(torch.float32).bfloat16().double()
+        for m in (1, 3, 9, 16):
+            x = torch.randn(m, k).bfloat16()
+            y, _ = native.fused_small_m_forward(x, qt, isa="avx512_bf16")
+            expected = (x.double() @ w16.t()).bfloat16()
+            what = f"{fmt} g{group} K={k} M={m}"
+            assert (y == expected).float().mean() >= 0.99, what
+            assert_matches_reference(y, _reference32(x, qt, None, None, 1.0, None), torch.bfloat16, what, "avx512_bf16")
 
 
 @needs_bf16_dots
