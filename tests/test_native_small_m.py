@@ -31,7 +31,7 @@ CONFIGS = [
     ("nf4", 64, {"double_quant": False}, (192,)),
     ("nf4", 128, {"double_quant": True}, (384,)),
     ("nf4", 256, {"double_quant": False}, (768,)),
-    ("int4", 32, {}, (96, 224)),
+    ("int4", 32, {}, (96, 192, 224)),
     ("int4", 32, {"symmetric": True}, (160,)),
     ("int4", 64, {}, (192,)),
     ("int4", 128, {"symmetric": True}, (384,)),
