@@ -33,7 +33,7 @@
 // Operators (schemas in TORCH_LIBRARY_FRAGMENT below):
 //   qlora_kernels::qlora_small_m(x, format, data, scales, mins?, levels?, nested_code?, absmax_scales?,
 //                                absmax_offset?, group_size, lora_a?, lora_b?, scaling, bias?, isa)
-//       -> (y (M, N) in x's dtype, xa = x A^T (M, r) fp32; (M, 0) without LoRA)
+//       -> (y (..., N) in x's dtype, xa = x A^T (..., r) fp32; (..., 0) without LoRA), x (..., K)
 //   qlora_kernels::small_m_isa() -> "avx512" | "avx2" | "scalar" (what isa="auto" uses here)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -965,27 +965,16 @@ QK_AVX512_BF16 void rows_bf16_avx512(const Problem& p, int64_t r0, int64_t r1) {
     prefetch_block(next + kGroupRows);  // a block ahead of the one computed during this block: a miss takes longer than a block
     const float* sc = scale[cur].data();
     const float* off = p.has_offset ? offset[cur].data() : nullptr;
-    int64_t next_done = 0;
     for (int64_t m0 = 0; m0 < p.m;) {
       const int mt = pass_rows(p.m, m0, kMaxRowsBf16);
-      const int tile = mt == 1 ? 4 : mt <= 4 ? 2 : 1;  // tile_rows_bf16(mt)
-      for (int64_t t = 0; t < rows; t += tile) {
-        const int64_t n = std::min<int64_t>(tile, rows - t);
-        pass_bf16(p, row + t, n, m0, mt, sc + t * groups, off ? off + t * groups : nullptr);
-        const int64_t todo = std::min<int64_t>(n, next_rows - next_done);
-        if (todo > 0) {
-          const int64_t at = next_done * groups;
-          group_params_avx512(p, (next + next_done) * groups, todo * groups, scale[cur ^ 1].data() + at,
-                              offset[cur ^ 1].data() + at);
-          next_done += todo;
-        }
-      }
+      // The first tile, then (once) the next block's group values while its weight loads are in
+      // flight, then the other tiles.
+      const int64_t first = std::min<int64_t>(mt == 1 ? 4 : mt <= 4 ? 2 : 1, rows);  // tile_rows_bf16(mt)
+      pass_bf16(p, row, first, m0, mt, sc, off);
+      if (m0 == 0 && next_rows)
+        group_params_avx512(p, next * groups, next_rows * groups, scale[cur ^ 1].data(), offset[cur ^ 1].data());
+      if (rows > first) pass_bf16(p, row + first, rows - first, m0, mt, sc + first * groups, off ? off + first * groups : nullptr);
       m0 += mt;
-    }
-    if (next_done < next_rows) {
-      const int64_t at = next_done * groups;
-      group_params_avx512(p, (next + next_done) * groups, (next_rows - next_done) * groups,
-                          scale[cur ^ 1].data() + at, offset[cur ^ 1].data() + at);
     }
   }
 }
@@ -1235,18 +1224,18 @@ std::tuple<at::Tensor, at::Tensor> qlora_small_m(
   const Isa isa = parse_isa(isa_name_arg);
   TORCH_CHECK_TYPE(is_float_type(x.scalar_type()), op,
                    ": x must be torch.float32, torch.bfloat16 or torch.float16, got ", py_dtype(x.scalar_type()));
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.device().is_cpu() && x.is_contiguous(), op,
-                    ": x must be a contiguous 2-D (M, K) CPU tensor, got shape ", py_shape(x.sizes()), " on ",
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.device().is_cpu() && x.is_contiguous(), op,
+                    ": x must be a contiguous (..., K) CPU tensor, got shape ", py_shape(x.sizes()), " on ",
                     x.device());
   TORCH_CHECK_VALUE(data.dim() == 2, op, ": 'data' must be 2-D, got shape ", py_shape(data.sizes()));
   Problem p;
-  p.m = x.size(0);
-  p.k = x.size(1);
+  p.k = x.size(-1);
+  p.m = p.k ? x.numel() / p.k : 0;
   p.n = data.size(0);
   const int64_t n = p.n, k = p.k;
   const int64_t weight_k = format == "int8" ? data.size(1) : 2 * data.size(1);
   TORCH_CHECK_VALUE(k == weight_k, op, ": x has ", k, " columns but the weight has in_features K=", weight_k,
-                    "; x must be (M, K)");
+                    "; x must be (..., K)");
   if (format == "int8") {
     p.layout = Layout::kInt8;
     p.group = k;
@@ -1318,8 +1307,12 @@ std::tuple<at::Tensor, at::Tensor> qlora_small_m(
     check_field(op, "bias", *bias, bias->scalar_type(), {n});
   }
 
-  at::Tensor y = at::empty({p.m, n}, x.options());
-  at::Tensor xa = at::empty({p.m, p.r}, x.options().dtype(at::kFloat));
+  // y (..., N) and xa (..., r): x's leading dimensions, flattened into M rows here.
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  at::Tensor y = at::empty(shape, x.options());
+  shape.back() = p.r;
+  at::Tensor xa = at::empty(shape, x.options().dtype(at::kFloat));
   if (p.m == 0 || n == 0) return {y, xa};
 
   // x in fp32, and reordered for the 4-bit SIMD paths.

@@ -104,6 +104,19 @@ def test_fused_matches_the_reference(config, isa: str) -> None:
 
 
 @needs_native
+def test_the_op_takes_x_with_leading_dimensions() -> None:
+    """x (..., K) -> y (..., N) and xa (..., r), equal to the flattened call's."""
+    qt = qk.quantize(_weight(24, 192, seed=1), "nf4")
+    a, b = _lora(24, 192, 5, seed=2)
+    x = torch.randn(2, 3, 192).bfloat16()
+    args, _ = native.small_m_args(qt, x.dtype, a, b, 1.5, None)
+    y, xa = native.small_m_op()(x, *args)
+    y2, xa2 = native.small_m_op()(x.reshape(6, 192), *args)
+    assert y.shape == (2, 3, 24) and xa.shape == (2, 3, 5)
+    assert torch.equal(y.reshape(6, 24), y2) and torch.equal(xa.reshape(6, 5), xa2)
+
+
+@needs_native
 @pytest.mark.parametrize("isa", ISAS)
 def test_many_nested_blocks_and_rows_per_thread(isa: str) -> None:
     """A bitsandbytes-sized NF4 weight: double-quant scales cross 256-block boundaries inside a row."""
@@ -200,13 +213,18 @@ def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return real(x, *args, **kwargs)
 
     monkeypatch.setattr(qlora_linear_module, "fused_small_m_forward", spy)
-    real_call = quant_linear_module.small_m_call
+    real_op = quant_linear_module.small_m_op
 
-    def call_spy(x, *args, **kwargs):
-        calls.append(x.shape[0])
-        return real_call(x, *args, **kwargs)
+    def op_spy():
+        op = real_op()
 
-    monkeypatch.setattr(quant_linear_module, "small_m_call", call_spy)  # QuantLinear's decoding step
+        def call(x, *args):
+            calls.append(x.numel() // x.shape[-1])
+            return op(x, *args)
+
+        return call
+
+    monkeypatch.setattr(quant_linear_module, "small_m_op", op_spy)  # QuantLinear's decoding step
     return calls
 
 
@@ -278,6 +296,33 @@ def test_the_layers_decoding_step_equals_qlora_linear(fused_calls: list[int], dt
     assert torch.equal(y, qlora_linear(x, layer.base.qweight, layer.lora_A.weight, b, layer.scaling, layer.base.bias))
 
 
+@needs_native
+def test_the_decoding_step_sees_replaced_tensors(fused_calls: list[int]) -> None:
+    """The op's arguments are kept from token to token; a new LoRA weight, bias, scaling or packed
+    weight, or another x dtype, is used from the next call on."""
+    layer = qk.LoRALinear(qk.QuantLinear.from_linear(torch.nn.Linear(128, 40), "nf4"), r=4).eval()
+    x = torch.randn(1, 128)
+
+    def expected(x):
+        lora = layer.lora_A.weight, layer.lora_B.weight, layer.scaling
+        return native.fused_small_m_forward(x, layer.base.qweight, *lora, layer.base.bias)[0]
+
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected(x))
+        layer.lora_B.weight = torch.nn.Parameter(torch.randn(40, 4))
+        assert torch.equal(layer(x), expected(x))
+        layer.base.bias = torch.nn.Parameter(torch.randn(40))
+        assert torch.equal(layer(x), expected(x))
+        layer.scaling = 0.25
+        assert torch.equal(layer(x), expected(x))
+        layer.base.replace_weight(qk.quantize(torch.randn(40, 128), "nf4"))
+        assert torch.equal(layer(x), expected(x))
+        assert torch.equal(layer(x.bfloat16()), expected(x.bfloat16()))
+        layer.lora_A.weight.data.mul_(2)  # in place: the same tensor, read at each call
+        assert torch.equal(layer(x), expected(x))
+    assert len(fused_calls) == 7
+
+
 def test_not_used_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native, "native_available", lambda: False)
     qt = qk.quantize(torch.randn(8, 64), "nf4")
@@ -310,9 +355,9 @@ def test_bad_inputs_raise_clear_errors() -> None:
         native.fused_small_m_forward(x, qt, bias=torch.randn(7))
     with pytest.raises(ValueError, match="x has 32 columns but the weight has in_features K=64"):
         native.fused_small_m_forward(torch.randn(2, 32), qt)
-    with pytest.raises(ValueError, match="x must be a contiguous 2-D"):
+    with pytest.raises(ValueError, match=r"x must be a contiguous \(\.\.\., K\) CPU tensor"):
         torch.ops.qlora_kernels.qlora_small_m(
-            torch.randn(2, 1, 64),
+            torch.randn(64, 2).t(),
             "nf4",
             qt.data,
             qt.scales,

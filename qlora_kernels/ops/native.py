@@ -228,30 +228,28 @@ def _vector_isa() -> bool:
     return small_m_isa() in ("avx512_bf16", "avx512", "avx2")
 
 
-def _bf16_dot_isa(x: torch.Tensor, qt: QuantizedTensor) -> bool:
+def _bf16_dot_isa(x_dtype: torch.dtype, qt: QuantizedTensor) -> bool:
     """Whether `isa="auto"` takes the bf16 dot products: bf16 x times a 4-bit weight, on a CPU
     that has them, while the compute-dtype policy multiplies bf16 inputs in bf16 (the dense path
     then rounds the decoded weight to bf16 too)."""
     return (
-        x.dtype == torch.bfloat16
+        x_dtype == torch.bfloat16
         and qt.format != "int8"
         and small_m_isa() == "avx512_bf16"
         and cpu_matmul_dtype(torch.bfloat16) == torch.bfloat16
     )
 
 
+def small_m_serves(x_dtype: torch.dtype, qt: QuantizedTensor) -> bool:
+    """Whether the fused kernel can run for x of this dtype and this weight, whatever x's shape:
+    the extension is built, the CPU has AVX2 or AVX-512, x is fp32/bf16/fp16, W is on the CPU."""
+    return x_dtype in SMALL_M_DTYPES and qt.data.device.type == "cpu" and native_available() and _vector_isa()
+
+
 def fused_small_m_applies(x: torch.Tensor, qt: QuantizedTensor) -> bool:
-    """True when `fused_small_m_forward` serves this call: the extension is built, the CPU has
-    AVX2 or AVX-512, x is a 2-D fp32/bf16/fp16 CPU tensor with 1..SMALL_M_MAX rows, W is on the CPU."""
-    return (
-        x.dim() == 2
-        and 0 < x.shape[0] <= SMALL_M_MAX
-        and x.dtype in SMALL_M_DTYPES
-        and x.device.type == "cpu"
-        and qt.data.device.type == "cpu"
-        and native_available()
-        and _vector_isa()
-    )
+    """True when `fused_small_m_forward` serves this call: `small_m_serves`, and x is a 2-D CPU
+    tensor with 1..SMALL_M_MAX rows."""
+    return x.dim() == 2 and 0 < x.shape[0] <= SMALL_M_MAX and x.device.type == "cpu" and small_m_serves(x.dtype, qt)
 
 
 def _fp32_operand(t: torch.Tensor, detach: bool) -> torch.Tensor:
@@ -307,21 +305,44 @@ def small_m_call(
     isa: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`fused_small_m_forward` without its Python-side argument checks (the op checks shapes and
-    dtypes itself): the per-token path of decoding, called once per layer and token."""
-    if isa == "auto" and _bf16_dot_isa(x, qt):
-        isa = "avx512_bf16"
+    dtypes itself)."""
     detach = torch.is_grad_enabled()  # the op has no autograd formula; without grad mode nothing to cut
-    if lora_a is not None:
-        lora_a, lora_b = _fp32_operand(lora_a, detach), _fp32_operand(lora_b, detach)
+    args, _ = small_m_args(qt, x.dtype, lora_a, lora_b, scaling, bias, isa, detach=detach)
+    y, xa = small_m_op()((x.detach() if detach else x).contiguous(), *args)
+    return y, (xa if lora_a is not None else None)
+
+
+def small_m_args(
+    qt: QuantizedTensor,
+    x_dtype: torch.dtype,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    bias: torch.Tensor | None,
+    isa: str = "auto",
+    *,
+    detach: bool = False,
+) -> tuple[tuple, bool]:
+    """The native op's arguments after x, for x of `x_dtype` -> (args, reusable).
+
+    reusable: the arguments hold `lora_a`, `lora_b` and `bias` themselves (no converted copy), so
+    decoding can keep them for the next token while those tensors and the weight stay the same
+    objects (`QuantLinear.decode_step`).
+    """
+    if isa == "auto" and _bf16_dot_isa(x_dtype, qt):
+        isa = "avx512_bf16"
+    a, b = lora_a, lora_b
+    if a is not None:
+        a, b = _fp32_operand(a, detach), _fp32_operand(b, detach)
+    bias_arg = bias
     if bias is not None:
-        bias = (bias.detach() if detach else bias).contiguous()
+        bias_arg = (bias.detach() if detach else bias).contiguous()
     levels = nested = None
     if qt.format == "nf4":
         levels, nested = _cpu_tables()
         if not qt.double_quant:
             nested = None
-    y, xa = torch.ops.qlora_kernels.qlora_small_m(
-        (x.detach() if detach else x).contiguous(),
+    args = (
         qt.format,
         qt.data,
         qt.scales,
@@ -331,10 +352,17 @@ def small_m_call(
         qt.absmax_scales,
         qt.absmax_offset,
         qt.group_size,
-        lora_a,
-        lora_b,
+        a,
+        b,
         float(scaling),
-        bias,
+        bias_arg,
         isa,
     )
-    return y, (xa if lora_a is not None else None)
+    return args, a is lora_a and b is lora_b and bias_arg is bias
+
+
+@functools.cache
+def small_m_op():
+    """The `qlora_small_m` operator overload itself (skips the per-call overload lookup); x of
+    any shape (..., K). Only once the extension is loaded (`small_m_serves`)."""
+    return torch.ops.qlora_kernels.qlora_small_m.default
