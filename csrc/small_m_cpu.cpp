@@ -748,8 +748,9 @@ QK_AVX512 float dot_avx512(const float* a, const float* b, int64_t k) {
 // matter; group_size 64 puts the chunk's two groups in the two halves, and the upper lanes' index
 // gets bit 4 set; group_size 32 has four groups a chunk, looked up in a 64-entry two-register table
 // (vpermt2w) with the lane's group in bits 4-5. A row's last chunk may be short (K a multiple of 32,
-// not of 128): its bytes are loaded under a mask, the missing codes read as 0 and meet x's zero
-// padding, and the missing groups repeat the row's last one.
+// not of 128): 64 columns run as a half chunk (half_chunk_bf16_avx512); 32 or 96 columns as a whole
+// chunk whose missing codes (the next row's bytes, or zeros under a mask for W's last row) meet
+// x's zero padding, and whose missing groups repeat the row's last one.
 constexpr int64_t kChunkBf16 = 128;  // weights per 64 packed bytes
 constexpr int kNibbleColumn[4] = {1, 0, 3, 2};  // the column (of 4j .. 4j + 3) of a word's bits 4s .. 4s + 3
 constexpr int kMaxRowsBf16 = 8;
