@@ -364,5 +364,6 @@ def small_m_args(
 @functools.cache
 def small_m_op():
     """The `qlora_small_m` operator overload itself (skips the per-call overload lookup); x of
-    any shape (..., K). Only once the extension is loaded (`small_m_serves`)."""
+    any shape (..., K). Loads the extension (a ValueError with the build command without it)."""
+    _require_native()
     return torch.ops.qlora_kernels.qlora_small_m.default
