@@ -320,7 +320,10 @@ def test_the_decoding_step_sees_replaced_tensors(fused_calls: list[int]) -> None
         assert torch.equal(layer(x.bfloat16()), expected(x.bfloat16()))
         layer.lora_A.weight.data.mul_(2)  # in place: the same tensor, read at each call
         assert torch.equal(layer(x), expected(x))
-    assert len(fused_calls) == 7
+        layer.lora_A.to(torch.bfloat16)  # the same parameters, their data now bf16 (converted per call)
+        layer.lora_B.to(torch.bfloat16)
+        assert torch.equal(layer(x), expected(x))
+    assert len(fused_calls) == 8
 
 
 def test_not_used_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:

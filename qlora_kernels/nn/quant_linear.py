@@ -179,6 +179,8 @@ class QuantLinear(nn.Module):
         qt = self.qweight
         bias = self._parameters["bias"]
         key = (id(qt), x.dtype, id(lora_a), id(lora_b), scaling, id(bias))
+        if lora_a is not None:  # `.to(dtype)` changes a parameter's data in place: a copy may be needed now
+            key += (lora_a.dtype, lora_b.dtype)
         plan = self.__dict__.get("_decode_plan")
         if plan is None or plan[0] != key:
             if not small_m_serves(x.dtype, qt):
