@@ -34,7 +34,8 @@
 //   qlora_kernels::qlora_small_m(x, format, data, scales, mins?, levels?, nested_code?, absmax_scales?,
 //                                absmax_offset?, group_size, lora_a?, lora_b?, scaling, bias?, isa)
 //       -> (y (..., N) in x's dtype, xa = x A^T (..., r) fp32; (..., 0) without LoRA), x (..., K)
-//   qlora_kernels::small_m_isa() -> "avx512" | "avx2" | "scalar" (what isa="auto" uses here)
+//   qlora_kernels::small_m_isa() -> "avx512_bf16" | "avx512" | "avx2" | "scalar" (this CPU's best)
+//   qlora_kernels::set_small_m_task_macs(macs) -> the previous value (how much work a thread gets)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -43,6 +44,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -70,10 +72,11 @@ namespace qlora_kernels {
 namespace {
 
 constexpr int64_t kNestedBlock = 256;     // NF4 absmax values per fp32 scale (formats.NESTED_BLOCK)
-// Below this a task is not worth waking a thread: 2^20 MACs are about 40 us on one core, the order
-// of a wake-up under OMP_WAIT_POLICY=PASSIVE. So SmolLM2-sized layers (<= 576 x 1536) run on one
-// thread while decoding, and 4096 x 4096 still splits 16 ways.
-constexpr int64_t kMinMacsPerTask = 1 << 20;
+// Multiply-adds below which a task is not worth another thread; set by the Python layer from the
+// OpenMP wait policy (set_small_m_task_macs). Sleeping threads (OMP_WAIT_POLICY=PASSIVE): 2^20, about
+// 40 us on one core, the order of a wake-up, so SmolLM2-sized layers (<= 576 x 1536) run on one
+// thread while decoding and 4096 x 4096 still splits 16 ways. Spinning threads: 2^16.
+std::atomic<int64_t> g_min_macs_per_task{int64_t{1} << 20};
 constexpr int64_t kChunk = 32;            // weights per 16 packed bytes; every 4-bit group is a multiple
 constexpr int64_t kTileRows = 4;          // weight rows per tile (the largest tile of the micro-kernels)
 constexpr int64_t kGroupRows = 16;        // weight rows that share a block of x (a multiple of kTileRows)
@@ -1340,6 +1343,7 @@ std::tuple<at::Tensor, at::Tensor> qlora_small_m(
     p.xp = xp.data();
   }
 
+  const int64_t min_macs = g_min_macs_per_task.load(std::memory_order_relaxed);
   // LoRA: x A^T once, (M, r), each entry one fixed-order dot product.
   Floats xa_scaled(p.m * p.r);
   if (p.r) {
@@ -1347,7 +1351,7 @@ std::tuple<at::Tensor, at::Tensor> qlora_small_m(
     const float* a = lora_a->data_ptr<float>();
     const DotFn dot = dot_fn(isa);
     const float s = static_cast<float>(scaling);
-    at::parallel_for(0, p.m * p.r, std::max<int64_t>(1, kMinMacsPerTask / k), [&](int64_t e0, int64_t e1) {
+    at::parallel_for(0, p.m * p.r, std::max<int64_t>(1, min_macs / k), [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) {
         xa_out[e] = dot(p.x + (e / p.r) * k, a + (e % p.r) * k, k);
         xa_scaled[e] = s * xa_out[e];
@@ -1375,7 +1379,7 @@ std::tuple<at::Tensor, at::Tensor> qlora_small_m(
   // order of every sum) does not depend on the thread count.
   const RowsFn rows_kernel = rows_fn(isa, p);
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
-  const int64_t grain = std::max<int64_t>(1, kMinMacsPerTask / (k * p.m * kTileRows));
+  const int64_t grain = std::max<int64_t>(1, min_macs / (k * p.m * kTileRows));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     const int64_t r0 = t0 * kTileRows, r1 = std::min(t1 * kTileRows, n);
     rows_kernel(p, r0, r1);
@@ -1392,6 +1396,11 @@ std::tuple<at::Tensor, at::Tensor> qlora_small_m(
 
 std::string small_m_isa() { return isa_name(kBestIsa); }
 
+int64_t set_small_m_task_macs(int64_t macs) {
+  TORCH_CHECK_VALUE(macs >= 1, "set_small_m_task_macs: macs must be >= 1, got ", macs);
+  return g_min_macs_per_task.exchange(macs);
+}
+
 }  // namespace
 }  // namespace qlora_kernels
 
@@ -1401,6 +1410,7 @@ TORCH_LIBRARY_FRAGMENT(qlora_kernels, m) {
       "Tensor? nested_code, Tensor? absmax_scales, Tensor? absmax_offset, int group_size, Tensor? lora_a, "
       "Tensor? lora_b, float scaling, Tensor? bias, str isa) -> (Tensor, Tensor)");
   m.def("small_m_isa() -> str", &qlora_kernels::small_m_isa);
+  m.def("set_small_m_task_macs(int macs) -> int", &qlora_kernels::set_small_m_task_macs);
 }
 
 // CompositeExplicitAutograd, as the dequantize operators: CUDA tensors get the "run on the CPU" error.

@@ -129,6 +129,38 @@ def test_many_nested_blocks_and_rows_per_thread(isa: str) -> None:
 
 @needs_native
 @pytest.mark.parametrize("isa", ISAS)
+def test_results_do_not_depend_on_how_the_rows_are_split(isa: str) -> None:
+    """2 threads with the work split as finely as possible (every 4-row tile a task) and as coarsely
+    as the kernel does with sleeping threads: the same bits (each output is one thread's fixed sum)."""
+    qt = qk.quantize(_weight(203, 576, seed=9), "nf4")
+    a, b = _lora(203, 576, 16, seed=3)
+    x = torch.randn(3, 576).bfloat16()
+    set_task_macs = torch.ops.qlora_kernels.set_small_m_task_macs
+    threads, before = torch.get_num_threads(), set_task_macs(1 << 20)
+    try:
+        torch.set_num_threads(2)
+        coarse = native.fused_small_m_forward(x, qt, a, b, 2.0, None, isa=isa)
+        set_task_macs(1)
+        fine = native.fused_small_m_forward(x, qt, a, b, 2.0, None, isa=isa)
+    finally:
+        set_task_macs(before)
+        torch.set_num_threads(threads)
+    assert torch.equal(coarse[0], fine[0]) and torch.equal(coarse[1], fine[1])
+    with pytest.raises(ValueError, match="macs must be >= 1"):
+        set_task_macs(0)
+
+
+def test_the_task_size_follows_the_openmp_wait_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert native.small_m_task_macs() == 1 << 20
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert native.small_m_task_macs() == 1 << 16
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert native.small_m_task_macs() == 1 << 16
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(("fmt", "group", "opts"), [("nf4", 32, {}), ("int4", 64, {"symmetric": False})])
 def test_long_rows_with_many_rows_of_x(fmt: str, group: int, opts: dict, isa: str) -> None:
     """K long enough that the kernel splits it into blocks of x that stay in the L1 cache."""
