@@ -222,8 +222,9 @@ def workspace() -> DequantWorkspace:
 #: --crossover`, NF4 double quant + LoRA r16, 2048x2048, x bf16): on a Xeon computing in fp32 the
 #: fused kernel took 1.10 ms at M = 16 against 2.75 ms for decoding into the shared buffer + fp32
 #: matmul, still ahead at M = 128; on an AMD EPYC computing in bf16 (bf16 dot products against a
-#: decode + bf16 GEMM) 0.63 against 0.96 ms at M = 16, behind from M = 24 on 1 thread and M = 48
-#: on 2. Raising the threshold (short prompts' prefill) needs that measurement on the target machine.
+#: decode + bf16 GEMM, W in the L3 cache) 0.53 against 0.93 ms at M = 16, ahead up to M = 32 on 1
+#: thread and M = 48 on 2. Raising the threshold (short prompts' prefill) needs that measurement on
+#: the target machine, with W larger than its cache too (each 8 rows of x read W once more).
 SMALL_M_MAX = 16
 SMALL_M_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ISAS = ("auto", "avx512_bf16", "avx512", "avx2", "scalar")
