@@ -661,7 +661,7 @@ template <template <int> class Pass>
 QK_AVX512 void tiles_avx512(const Problem& p, int64_t row, int64_t rows, int64_t m0, int mt, const float* scale,
                             const float* offset) {
   const int64_t groups = p.four_bit() ? p.groups() : 0;
-  const int tile = mt <= 2 ? 4 : mt <= 4 ? 2 : 1;  // tile_rows_avx512(mt)
+  const int tile = tile_rows_avx512(mt);
   for (int64_t t = 0; t < rows; t += tile) {
     const int64_t n = std::min<int64_t>(tile, rows - t);
     const float* sc = scale + t * groups;
@@ -973,7 +973,7 @@ QK_AVX512_BF16 void rows_bf16_avx512(const Problem& p, int64_t r0, int64_t r1) {
       const int mt = pass_rows(p.m, m0, kMaxRowsBf16);
       // The first tile, then (once) the next block's group values while its weight loads are in
       // flight, then the other tiles.
-      const int64_t first = std::min<int64_t>(mt == 1 ? 4 : mt <= 4 ? 2 : 1, rows);  // tile_rows_bf16(mt)
+      const int64_t first = std::min<int64_t>(tile_rows_bf16(mt), rows);
       pass_bf16(p, row, first, m0, mt, sc, off);
       if (m0 == 0 && next_rows)
         group_params_avx512(p, next * groups, next_rows * groups, scale[cur ^ 1].data(), offset[cur ^ 1].data());
